@@ -1,0 +1,190 @@
+"""Build a Machine from the built-in default, a TOML machine file or a captured /proc/iomem.
+
+TOML machine file (every key optional unless stated):
+
+    name = "my-vm"
+    iomem = "layout.iomem"        # a /proc/iomem dump (path relative to this file),
+    # iomem_text = """..."""      # or the dump inline; flags are inferred (memfs.infer)
+    phys_bits = 40                # physical address width; default: what the layout needs, at least 36
+    [settings]                    # defaults for --set keys (the command line wins)
+    STRICT_DEVMEM = "y"
+    [[resource]]                  # resources with explicit flags, inserted with insert_resource()
+    range = "0x100000-0xffffffffff"   # or start = ..., end = ... / size = ...
+    name = "System RAM"
+    flags = "SYSTEM_RAM|BUSY"     # names of include/linux/ioport.h without IORESOURCE_, or a number
+    desc = "NONE"                 # IORES_DESC_* name
+    [[resource.children]]         # nested the same way, any depth
+    [[virtio_mem]]                # one table per virtio-mem device
+    addr = "0x100000000"          # required
+    region_size = "4G"            # required
+    block_size = "2M"             # default 2M
+    requested_size = "1G"         # default 0
+    node = 0
+    unplugged_inaccessible = true
+    id = "virtio0"                # QEMU id; default: the Linux name (virtio0, virtio1, ... in order)
+    memdev = "/objects/mem0"
+"""
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .infer import infer_flags
+from .kernel.devmem import DevmemConfig
+from .kernel.iomem import parse
+from .kernel.ioport import Resource, parse_desc, parse_flags
+from .kernel.resource import ResourceTree
+from .machine import Machine, VirtioMem
+from .physmem import SparseMemory
+from .units import parse_addr, parse_size
+from .virtio_mem.device import VirtioMemDevice
+from .virtio_mem.driver import VirtioMemDriver
+
+DEFAULT_MACHINE = "default.toml"
+_TOP_KEYS = {"name", "iomem", "iomem_text", "phys_bits", "settings", "resource", "virtio_mem"}
+_RES_KEYS = {"range", "start", "end", "size", "name", "flags", "desc", "children"}
+_VIRTIO_KEYS = {"addr", "region_size", "block_size", "requested_size", "node", "unplugged_inaccessible", "id",
+                "memdev"}
+
+
+class MachineError(ValueError):
+    """A machine description that cannot be built; the message names the problem."""
+
+
+def load_machine(machine_file: str | None = None, iomem_file: str | None = None,
+                 settings: dict[str, str] | None = None) -> Machine:
+    """The machine a mount serves; nothing is mounted or changed if this raises."""
+    settings = dict(settings or {})
+    if machine_file and iomem_file:
+        raise MachineError("give --machine or --iomem, not both")
+    if iomem_file:
+        text = _read(Path(iomem_file))
+        tree = _parse_dump(text, iomem_file)
+        return _finish(Machine(tree, DevmemConfig.from_settings(settings), _phys_bits(tree, None),
+                               name=Path(iomem_file).name))
+    if machine_file:
+        path = Path(machine_file)
+        return _from_toml(_read(path), path.parent, path.name, settings)
+    data = resources.files("memfs.data").joinpath(DEFAULT_MACHINE).read_text()
+    return _from_toml(data, None, "default", settings)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise MachineError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise MachineError(f"{path}: not text ({e.reason} at byte {e.start})") from None
+
+
+def _parse_dump(text: str, where: str) -> ResourceTree:
+    try:
+        tree = parse(text)
+    except ValueError as e:
+        raise MachineError(f"{where}: {e}") from None
+    infer_flags(tree)
+    return tree
+
+
+def _phys_bits(tree: ResourceTree, declared: int | None) -> int:
+    needed = max((r.end.bit_length() for r in tree.root.children), default=0)
+    if declared is None:
+        return max(36, needed)
+    if not 32 <= declared <= 52 or declared < needed:
+        raise MachineError(f"phys_bits = {declared}: must be 32..52 and cover the layout (needs {needed})")
+    return declared
+
+
+def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str, str]) -> Machine:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise MachineError(f"{label}: {e}") from None
+    _only(doc, _TOP_KEYS, label)
+    if "iomem" in doc and "iomem_text" in doc:
+        raise MachineError(f"{label}: give iomem or iomem_text, not both")
+    tree = ResourceTree()
+    if "iomem" in doc:
+        dump = doc["iomem"]
+        source = (base / dump) if base else None
+        text = _read(source) if source else resources.files("memfs.data").joinpath(dump).read_text()
+        tree = _parse_dump(text, f"{label}: {dump}")
+    elif "iomem_text" in doc:
+        tree = _parse_dump(doc["iomem_text"], f"{label}: iomem_text")
+    try:
+        for i, spec in enumerate(doc.get("resource", [])):
+            tree.insert_resource(_resource(spec, f"{label}: resource[{i}]"))
+        settings = {k: str(v) for k, v in doc.get("settings", {}).items()} | cli_settings
+        config = DevmemConfig.from_settings(settings)
+        machine = Machine(tree, config, _phys_bits(tree, doc.get("phys_bits")), name=str(doc.get("name", label)))
+        for i, spec in enumerate(doc.get("virtio_mem", [])):
+            _add_virtio_mem(machine, spec, f"virtio{i}", f"{label}: virtio_mem[{i}]")
+    except (ValueError, OSError) as e:
+        raise MachineError(f"{label}: {e}") from None
+    return _finish(machine)
+
+
+def _only(table: dict[str, Any], keys: set[str], where: str) -> None:
+    unknown = set(table) - keys
+    if unknown:
+        raise MachineError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(keys))})")
+
+
+def _resource(spec: dict[str, Any], where: str) -> Resource:
+    _only(spec, _RES_KEYS, where)
+    if "name" not in spec:
+        raise MachineError(f"{where}: needs a name")
+    if "range" in spec:
+        lo, _, hi = str(spec["range"]).partition("-")
+        start, end = parse_addr(lo, "range start"), parse_addr(hi, "range end")
+    elif "start" in spec and ("end" in spec) != ("size" in spec):
+        start = parse_addr(spec["start"], "start")
+        end = parse_addr(spec["end"], "end") if "end" in spec else start + parse_size(spec["size"]) - 1
+    else:
+        raise MachineError(f"{where}: needs range = \"START-END\", or start with end or size")
+    if end < start:
+        raise MachineError(f"{where}: end {end:#x} is before start {start:#x}")
+    res = Resource(start, end, spec["name"], parse_flags(spec.get("flags", "MEM")), parse_desc(spec.get("desc", 0)))
+    for j, child_spec in enumerate(spec.get("children", [])):
+        child = _resource(child_spec, f"{where}.children[{j}]")
+        if child.start < start or child.end > end:
+            raise MachineError(f"{where}.children[{j}]: {child.label()} is outside its parent {res.label()}")
+        if res.children and child.start <= res.children[-1].end:
+            raise MachineError(f"{where}.children[{j}]: {child.label()} overlaps or precedes "
+                               f"{res.children[-1].label()}")
+        child.parent = res
+        res.children.append(child)
+    return res
+
+
+def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, where: str) -> None:
+    _only(spec, _VIRTIO_KEYS, where)
+    for key in ("addr", "region_size"):
+        if key not in spec:
+            raise MachineError(f"{where}: needs {key}")
+    region_size = parse_size(spec["region_size"], "region_size")
+    device = VirtioMemDevice(
+        id=str(spec.get("id", linux_name)),
+        addr=parse_addr(spec["addr"]),
+        region_size=region_size,
+        block_size=parse_size(spec.get("block_size", "2M"), "block_size"),
+        memory=SparseMemory(region_size),
+        requested_size=parse_size(spec.get("requested_size", 0), "requested_size"),
+        node=int(spec.get("node", 0)),
+        unplugged_inaccessible=bool(spec.get("unplugged_inaccessible", True)),
+        memdev=spec.get("memdev"),
+    )
+    if device.addr + region_size > machine.size:
+        raise MachineError(f"{where}: region ends above the {machine.phys_bits}-bit address space")
+    machine.virtio[linux_name] = VirtioMem(device, VirtioMemDriver(device, machine.hotplug, linux_name))
+
+
+def _finish(machine: Machine) -> Machine:
+    try:
+        machine.boot()
+    except (ValueError, OSError) as e:
+        raise MachineError(f"{machine.name}: {e}") from None
+    return machine
