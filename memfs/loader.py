@@ -4,7 +4,7 @@ TOML machine file (every key optional unless stated):
 
     name = "my-vm"
     iomem = "layout.iomem"        # a /proc/iomem dump (path relative to this file),
-    # iomem_text = """..."""      # or the dump inline; flags are inferred (memfs.infer)
+    # iomem_text = '''...'''      # or the dump inline; flags are inferred (memfs.infer)
     phys_bits = 40                # physical address width; default: what the layout needs, at least 36
     [settings]                    # defaults for --set keys (the command line wins)
     STRICT_DEVMEM = "y"
@@ -22,7 +22,7 @@ TOML machine file (every key optional unless stated):
     node = 0
     unplugged_inaccessible = true
     id = "virtio0"                # QEMU id; default: the Linux name (virtio0, virtio1, ... in order)
-    memdev = "/objects/mem0"
+    memdev = "mem0"                # backend name, shown as /objects/mem0
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from .infer import infer_flags
 from .kernel.devmem import DevmemConfig
 from .kernel.iomem import parse
 from .kernel.ioport import Resource, parse_desc, parse_flags
-from .kernel.resource import ResourceTree
+from .kernel.resource import ResourceConflict, ResourceTree
 from .machine import Machine, VirtioMem
 from .physmem import SparseMemory
 from .units import parse_addr, parse_size
@@ -122,7 +122,7 @@ def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str,
         machine = Machine(tree, config, _phys_bits(tree, doc.get("phys_bits")), name=str(doc.get("name", label)))
         for i, spec in enumerate(doc.get("virtio_mem", [])):
             _add_virtio_mem(machine, spec, f"virtio{i}", f"{label}: virtio_mem[{i}]")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ResourceConflict) as e:
         raise MachineError(f"{label}: {e}") from None
     return _finish(machine)
 
@@ -185,6 +185,6 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
 def _finish(machine: Machine) -> Machine:
     try:
         machine.boot()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ResourceConflict) as e:
         raise MachineError(f"{machine.name}: {e}") from None
     return machine

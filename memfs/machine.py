@@ -18,7 +18,7 @@ from .kernel.ioport import IORESOURCE_BUSY, IORESOURCE_SYSRAM, IORESOURCE_SYSTEM
 from .kernel.memory_hotplug import MemoryHotplug, memory_block_size_bytes
 from .kernel.resource import ResourceTree
 from .physmem import SparseMemory
-from .virtio_mem.device import VirtioMemDevice
+from .virtio_mem.device import UnpluggedAccess, VirtioMemDevice
 from .virtio_mem.driver import VirtioMemDriver
 
 ARM64_PHYS_MASK_BITS = 48
@@ -202,10 +202,10 @@ class Machine:
         """A CPU access that reached virtio-mem memory: the device decides (spec 7.1 normative rules)."""
         try:
             if data is None:
-                return device.guest_read(start - device.addr, n)
-            device.guest_write(start - device.addr, data)
+                return device.guest_read(start, n)
+            device.guest_write(start, data)
             return b""
-        except PermissionError as e:
+        except UnpluggedAccess as e:
             # The kernel's fault-tolerant copy fails on inaccessible memory: EFAULT; a mapping: SIGBUS.
             raise self._refuse(opener, op, start, start + n - 1, errno.EFAULT, str(e)) from None
 

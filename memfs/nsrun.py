@@ -7,6 +7,7 @@ MOUNT/proc/iomem is bound over /proc/iomem. The host's /dev is never touched.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,11 @@ def run_in_namespace(mountpoint: str, command: list[str]) -> int:
             print(f"memfs run: {mountpoint}/{part} missing: is memfs mounted there?", file=sys.stderr)
             return 2
     inner = [sys.executable, "-m", "memfs.nsrun", os.path.abspath(mountpoint), *command]
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "--", *inner]).returncode
+    status = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", *inner]).returncode
+    if status < 0:  # killed by a signal (SIGBUS from a refused page): report it as a shell does
+        print(f"memfs run: {command[0]} killed by {signal.Signals(-status).name}", file=sys.stderr)
+        return 128 - status
+    return status
 
 
 def _mount(*args: str) -> None:

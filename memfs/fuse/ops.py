@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -36,13 +36,14 @@ class Node:
     """A file or directory of the mount.
 
     `render(opener)` gives a text file's content, snapshotted at open as seq_file
-    readers get it; `write(opener, text)` takes one command per write(2).
+    readers get it; `write(opener, text)` takes one command per write(2) and
+    raises ControlError to fail it.
     """
 
     mode: int
     size: int = 0
     render: Callable[[Opener], str] | None = None
-    write: Callable[[Opener, str], str] | None = None
+    write: Callable[[Opener, str], object] | None = None
 
 
 @dataclass
@@ -51,8 +52,8 @@ class OpenFile:
     node: Node
     opener: Opener
     mapped: bool = False
-    snapshot: bytes | None = None
-    result: str | None = field(default=None)
+    snapshot: bytes = b""
+    stale: bool = False  # a write happened: the next read from offset 0 renders afresh
 
 
 def _guard(handler):
@@ -222,7 +223,9 @@ class MemfsOps(pyfuse3.Operations):
             info.direct_io = not mapped
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = OpenFile(path, node, opener, mapped)
+        self._files[fh] = f = OpenFile(path, node, opener, mapped)
+        if node.render is not None:
+            f.snapshot = node.render(opener).encode()
         info.fh = fh
         return info
 
@@ -234,9 +237,9 @@ class MemfsOps(pyfuse3.Operations):
                 return self.machine.read_mem(off, size, f.opener, f.mapped)
             except AccessError as e:
                 raise pyfuse3.FUSEError(e.errno) from None
-        if f.snapshot is None or (off == 0 and f.result is not None):
-            f.snapshot = (f.result if f.result is not None else f.node.render(f.opener)).encode()
-            f.result = None
+        if f.stale and off == 0:
+            f.snapshot = f.node.render(f.opener).encode()
+            f.stale = False
         return f.snapshot[off:off + size]
 
     @_guard
@@ -253,11 +256,11 @@ class MemfsOps(pyfuse3.Operations):
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
-            f.result = f.node.write(f.opener, text)
+            f.node.write(f.opener, text)
         except ControlError as e:
-            f.result = None
             raise pyfuse3.FUSEError(e.errno) from None
         finally:
+            f.stale = True
             await self._revoke()
         return len(buf)
 
