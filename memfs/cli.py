@@ -103,8 +103,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         f.seek(0)
         result = f.read().decode()
     if failed is not None:
-        print(f"memfs: {' '.join(args.words)}: {errno.errorcode.get(failed.errno, failed.errno)}: {result.strip()}",
-              file=sys.stderr)
+        reason = result.strip() or f"error: {errno.errorcode.get(failed.errno, failed.errno)}: {failed.strerror}"
+        print(f"memfs: {' '.join(args.words)}: {reason}", file=sys.stderr)
         return 1
     sys.stdout.write(result)
     return 0

@@ -86,9 +86,11 @@ class Control:
         v.device.set_requested_size(size)
         outcome = v.driver.run()
         self.machine.changed(v.device.addr, v.device.region_size)
-        reached = v.device.plugged_size == v.device.requested_size
-        head = "ok" if reached else "partial"
-        return f"{head}: {name} requested-size {size}: {outcome}; {self._state(v)}"
+        if outcome.converged:
+            return f"ok: {name} requested-size {size}: converged; {self._state(v)}"
+        why = f"{errno.errorcode.get(-outcome.rc, outcome.rc)}: {outcome.reason}" if outcome.rc else outcome.reason
+        retry = f", the driver retries in {outcome.retry_ms} ms" if outcome.retry_ms else ""
+        return f"partial: {name} requested-size {size}: stopped ({why}{retry}); {self._state(v)}"
 
     @staticmethod
     def _state(v: VirtioMem) -> str:
@@ -101,6 +103,15 @@ class Control:
     def memory_devices(self) -> str:
         """QEMU's `info memory-devices`."""
         return "".join(v.device.info_memory_devices() for v in self.machine.virtio.values())
+
+    def audit(self) -> str:
+        """Refused /dev/mem accesses, then each device's count of accesses to unplugged memory."""
+        lines = [self.machine.audit.text()]
+        for name, v in self.machine.virtio.items():
+            seen = v.device.violations
+            lines.append(f"# {name}: accesses to unplugged memory (virtio spec violations): "
+                         f"read {seen['read']}, write {seen['write']}\n")
+        return "".join(lines)
 
     def sysfs_files(self, rest: tuple[str, ...]) -> dict[str, tuple[Render, Write | None] | None] | None:
         """/sys/devices/system/memory below the given path: name -> (show, store) or None for a directory."""

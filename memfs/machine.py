@@ -207,7 +207,7 @@ class Machine:
             return b""
         except UnpluggedAccess as e:
             # The kernel's fault-tolerant copy fails on inaccessible memory: EFAULT; a mapping: SIGBUS.
-            raise self._refuse(opener, op, start, start + n - 1, errno.EFAULT, str(e)) from None
+            raise self._refuse(opener, op, start, start + n - 1, errno.EFAULT, e.strerror) from None
 
     # -- boot --------------------------------------------------------------
 

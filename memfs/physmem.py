@@ -60,7 +60,9 @@ class SparseMemory:
         for idx, inner, n in self._spans(offset, len(data)):
             chunk = self._chunks.get(idx)
             if chunk is None:
-                chunk = self._chunks[idx] = mmap.mmap(-1, min(CHUNK, self.size - (idx << CHUNK_SHIFT)))
+                # private: MADV_DONTNEED on shared anonymous memory would keep the data
+                chunk = self._chunks[idx] = mmap.mmap(-1, min(CHUNK, self.size - (idx << CHUNK_SHIFT)),
+                                                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             chunk[inner:inner + n] = view[pos:pos + n]
             pos += n
 

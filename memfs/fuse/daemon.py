@@ -56,11 +56,30 @@ def serve(machine: Machine, mountpoint: str, allow_other: bool = False,
     ops = MemfsOps(machine)
     pyfuse3.init(ops, mountpoint, options)
     log.info("mounted %s at %s", machine.name, mountpoint)
+    _no_readahead(mountpoint)
     try:
         trio.run(_main, ready)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _no_readahead(mountpoint: str) -> None:
+    """Turn the mount's readahead off: touching one mapped page must ask for that page only,
+    never for neighbours the process did not touch (they may be refused or unplugged)."""
+    # realpath() would stat the mount, which waits for the loop that is not running yet
+    target = os.path.abspath(mountpoint).replace(" ", "\\040")
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                dev = fields[2]
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write("0")
+    except OSError as e:
+        log.warning("could not turn readahead off for %s: %s", mountpoint, e)
 
 
 async def _main(ready: Callable[[], None] | None) -> None:

@@ -82,6 +82,7 @@ class MemfsOps(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._revoke_pending = False
+        self._page_cache_opens = 0
         machine.on_change.append(self._content_changed)
 
     # -- the namespace -------------------------------------------------------
@@ -93,7 +94,7 @@ class MemfsOps(pyfuse3.Operations):
             return {"dev": Node(DIR | 0o755), "proc": Node(DIR | 0o555), "sys": Node(DIR | 0o555),
                     "control": Node(REG | 0o600, 0, self.control.last_result, self.control.execute),
                     "memory-devices": Node(REG | 0o444, 0, lambda _: self.control.memory_devices()),
-                    "audit": Node(REG | 0o400, 0, lambda _: m.audit.text())}
+                    "audit": Node(REG | 0o400, 0, lambda _: self.control.audit())}
         if path == ("dev",):
             return {"mem": Node(REG | 0o600, m.size)}
         if path == ("proc",):
@@ -221,6 +222,7 @@ class MemfsOps(pyfuse3.Operations):
             # MAP_SHARED needs the page cache (design.md); O_SYNC opens are the mmap tools'.
             mapped = bool(flags & os.O_DSYNC)
             info.direct_io = not mapped
+            self._page_cache_opens += mapped
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = f = OpenFile(path, node, opener, mapped)
@@ -233,6 +235,7 @@ class MemfsOps(pyfuse3.Operations):
     async def read(self, fh, off, size):
         f = self._files[fh]
         if f.path == MEM_PATH:
+            await self._coherent(f)
             try:
                 return self.machine.read_mem(off, size, f.opener, f.mapped)
             except AccessError as e:
@@ -246,6 +249,7 @@ class MemfsOps(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         f = self._files[fh]
         if f.path == MEM_PATH:
+            await self._coherent(f)
             try:
                 written = self.machine.write_mem(off, bytes(buf), f.opener, f.mapped)
             except AccessError as e:
@@ -255,33 +259,48 @@ class MemfsOps(pyfuse3.Operations):
             text = buf.decode()
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
+        # Write back dirty mapped pages first: what a process stored before an
+        # unplug must land before the memory is discarded, not be refused after.
+        await self._invalidate()
         try:
             f.node.write(f.opener, text)
         except ControlError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         finally:
             f.stale = True
-            await self._revoke()
+            if self._revoke_pending:
+                self._revoke_pending = False
+                await self._invalidate()
         return len(buf)
 
     async def release(self, fh):
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None and f.mapped:
+            self._page_cache_opens -= 1
+
+    async def _coherent(self, f: OpenFile) -> None:
+        """Make a plain read/write see (and be seen by) live mappings, as /dev/mem's do.
+
+        Stores through a MAP_SHARED mapping sit in dirty page-cache pages; a
+        direct read would miss them and a direct write would be hidden behind
+        cached pages. While any page-cache open exists, write them back and drop
+        them first.
+        """
+        if not f.mapped and self._page_cache_opens:
+            await self._invalidate()
 
     # -- revocation --------------------------------------------------------------
 
     def _content_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True
 
-    async def _revoke(self) -> None:
-        """Drop every cached page and live mapping of dev/mem before the changing write returns.
+    async def _invalidate(self) -> None:
+        """Drop every cached page and live mapping of dev/mem (revocation).
 
         Invalidation may need the daemon to serve requests (write-back of
         dirty mapped pages), so it runs in a worker thread while this task
         waits and the others go on serving.
         """
-        if not self._revoke_pending:
-            return
-        self._revoke_pending = False
         ino = self._ino.get(MEM_PATH)
         if ino is None:
             return

@@ -19,7 +19,7 @@ import errno
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ..kernel.ioport import IORESOURCE_BUSY, IORESOURCE_EXCLUSIVE, IORESOURCE_SYSTEM_RAM
+from ..kernel.ioport import IORESOURCE_BUSY, IORESOURCE_EXCLUSIVE, IORESOURCE_SYSTEM_RAM, Resource
 from ..kernel.memory_hotplug import (
     MEM_GOING_ONLINE,
     MEM_OFFLINE,
@@ -127,7 +127,7 @@ class VirtioMemDriver:
         # Stands for vm->resource_name: one pointer per driver, so only this
         # device's resources merge with each other.
         self._name_token = object()
-        self.parent_resource = None
+        self.parent_resource: Resource | None = None
         self.log: list[str] = []
         self.broken = False
         self.unplug_all_required = False
@@ -140,16 +140,15 @@ class VirtioMemDriver:
         self.offline_size = 0
         self._states: list[int] = []
         self._sb = bytearray()
+        self._init_from_config()
 
     def _dev_log(self, level: str, msg: str) -> None:
         self.log.append(f"{level}: virtio_mem {self.dev_name}: {msg}")
 
     # -- probe -------------------------------------------------------------
 
-    def probe(self) -> None:
-        """virtio_mem_probe(): virtio_mem_init() + virtio_mem_create_resource()."""
-        if self.parent_resource is not None:
-            raise HotplugError(errno.EBUSY, f"{self.dev_name}: already probed")
+    def _init_from_config(self) -> None:
+        """virtio_mem_init(): read the fixed config, pick SBM or BBM and their sizes."""
         dev = self.device
         mb_size = self.hotplug.block_size
         self.plugged_size = dev.plugged_size
@@ -181,6 +180,11 @@ class VirtioMemDriver:
                      f"device block size: {dev.block_size:#x}", f"memory block size: {mb_size:#x}",
                      f"subblock size: {self.sb_size:#x}" if self.in_sbm else f"big block size: {self.unit_size:#x}"):
             self._dev_log("info", text)
+
+    def probe(self) -> None:
+        """The rest of virtio_mem_probe(): container resource, notifiers, first work item."""
+        if self.parent_resource is not None:
+            raise HotplugError(errno.EBUSY, f"{self.dev_name}: already probed")
         try:
             res = self.tree.request_region(self.addr, self.region_size, self.dev_name,
                                            IORESOURCE_SYSTEM_RAM | IORESOURCE_EXCLUSIVE)
@@ -197,7 +201,7 @@ class VirtioMemDriver:
             self.unplug_all_required = True
             self._dev_log("info", "unplugging all memory is required")
         self.hotplug.register_memory_notifier(self._memory_notifier_cb)
-        dev.config_listeners.append(self.config_changed_cb)
+        self.device.config_listeners.append(self.config_changed_cb)
         self.config_changed = True
         self.work_pending = True
 
