@@ -74,11 +74,10 @@ _BY_NAME: dict[str, tuple[int, int, bool]] = {
 def infer_flags(tree: ResourceTree) -> None:
     """Assign flags, desc and name identity to every resource of a parsed dump."""
     for r, depth in tree.walk():
-        r.flags, r.desc = _infer(r, depth)
+        tree.set_flags(r, *_infer(r, depth))
         if r.name == VIRTIO_MEM_RAM:
             # One name pointer per virtio-mem device: blocks of one device merge.
             r.name_id = r.parent
-    tree.generation += 1
 
 
 def _infer(r: Resource, depth: int) -> tuple[int, int]:

@@ -143,15 +143,15 @@ class Machine:
     def read_mem(self, offset: int, size: int, opener: Opener = KERNEL, mapped: bool = False) -> bytes:
         op = "map-read" if mapped else "read"
         runs, _, _ = self._plan(offset, size, mapped, opener, op)
-        out = bytearray()
+        parts = []
         for first, last, verdict in runs:
             start = max(offset, first << PAGE_SHIFT)
             stop = min(offset + size, (last + 1) << PAGE_SHIFT)
             if verdict.allowed == 2 and self.config.strict_devmem and not mapped:
-                out += bytes(stop - start)
+                parts.append(bytes(stop - start))
             else:
-                out += self._load(start, stop - start, opener, op)
-        return bytes(out)
+                parts.append(self._load(start, stop - start, opener, op))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write_mem(self, offset: int, data: bytes, opener: Opener = KERNEL, mapped: bool = False) -> int:
         op = "map-write" if mapped else "write"
@@ -186,7 +186,7 @@ class Machine:
                 parts.append(b"\xff" * n)
             else:
                 parts.append(self._device_access(device, start, n, None, opener, op))
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _store(self, offset: int, data: bytes, opener: Opener, op: str) -> None:
         _, content = self._maps()

@@ -150,6 +150,13 @@ class ResourceTree:
             chain.append(node)
         return chain
 
+    def set_flags(self, res: Resource, flags: int, desc: int | None = None) -> None:
+        """Change a linked resource's flags (and desc) in place, as drivers do to res->flags."""
+        res.flags = flags
+        if desc is not None:
+            res.desc = desc
+        self._changed()
+
     # -- request / insert / release ----------------------------------------
 
     def _request_conflict(self, root: Resource, new: Resource) -> Resource | None:

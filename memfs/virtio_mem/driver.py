@@ -194,8 +194,7 @@ class VirtioMemDriver:
             raise HotplugError(errno.EBUSY, f"{self.dev_name}: could not reserve device region "
                                             f"(reloading the driver is not supported): {e}") from None
         # "The memory is not actually busy - make add_memory() work."
-        res.flags &= ~IORESOURCE_BUSY
-        self.tree.generation += 1   # a flag change is a tree change for derived caches
+        self.tree.set_flags(res, res.flags & ~IORESOURCE_BUSY)
         self.parent_resource = res
         if self.plugged_size:
             self.unplug_all_required = True
