@@ -181,7 +181,8 @@ class MemoryHotplug:
         for ram in self.tree.root.children:
             if ram.flags & want != want or ram.flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:
                 continue
-            self.high_memory_end = max(self.high_memory_end, ram.end)
+            # e820__end_of_ram_pfn(): max_pfn = PFN_DOWN(end of RAM); a partial last page does not count
+            self.high_memory_end = max(self.high_memory_end, ((ram.end + 1) >> 12 << 12) - 1)
             for mb_id in range(ram.start // self.block_size, ram.end // self.block_size + 1):
                 lo = max(ram.start, mb_id * self.block_size)
                 hi = min(ram.end, (mb_id + 1) * self.block_size - 1)

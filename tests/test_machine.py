@@ -1,0 +1,128 @@
+"""Machine access semantics in the model (spec 4.3-4.8, 6.9), without FUSE."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+import pyfuse3
+from memfs.audit import Opener
+from memfs.fuse.ops import _guard
+from memfs.loader import MachineError, load_machine
+from memfs.machine import AccessError
+
+GIB = 1 << 30
+WHO = Opener(4242, "tester", 0)
+
+
+def err(fn, *args, **kw) -> int:
+    with pytest.raises(AccessError) as e:
+        fn(*args, **kw)
+    return e.value.errno
+
+
+def test_default_machine_high_memory_follows_hotplug():
+    m = load_machine()
+    # boot RAM ends at 0x7ffdffff; the device's 1 GiB at 0x100000000 raised max_pfn
+    assert m.high_memory_end == 0x13FFFFFFF
+    m.virtio["virtio0"].device.set_requested_size(3 * GIB)
+    m.virtio["virtio0"].driver.run()
+    assert m.high_memory_end == 0x1BFFFFFFF
+    m.virtio["virtio0"].device.set_requested_size(0)
+    m.virtio["virtio0"].driver.run()
+    assert m.high_memory_end == 0x1BFFFFFFF  # never lowered
+    assert err(m.read_mem, 0x100000000, 4096, WHO) == errno.EPERM  # exclusive, below high_memory
+    assert err(m.read_mem, 0x1C0000000, 4096, WHO) == errno.EFAULT  # beyond it: checked first
+
+
+def test_x86_valid_phys_addr_range_edges():
+    m = load_machine(iomem_file=str(__import__("conftest").SHARED / "examples/machines/qemu-q35-2G.iomem"))
+    top = 0x7FFDFFFF
+    assert m.valid_phys_addr_range(top, 1) and not m.valid_phys_addr_range(top, 2)
+    assert not m.valid_phys_addr_range(0, 0)  # addr + count - 1 wraps
+    assert m.valid_phys_addr_range(0x1000, 0)
+
+
+def test_write_refused_on_a_later_page_keeps_earlier_pages_and_audits():
+    m = load_machine()
+    data = b"A" * 4096 + b"B" * 4096
+    assert err(m.write_mem, 0xFDFFF000, data, WHO) == errno.EPERM
+    assert m.read_mem(0xFDFFF000, 4096, WHO) == b"A" * 4096
+    rec = m.audit.records[-1]
+    assert (rec.opener.pid, rec.opener.comm, rec.op, rec.start) == (4242, "tester", "write", 0xFE000000)
+    assert "virtio-pci-modern" in rec.rule
+
+
+def test_zero_fill_pages_read_zeros_and_swallow_writes_but_map_real():
+    m = load_machine()
+    assert m.write_mem(0x2000, b"secret", WHO) == 6
+    assert m.read_mem(0x2000, 6, WHO) == bytes(6)
+    assert m.write_mem(0x2000, b"secret", WHO, mapped=True) == 6  # mmap maps the real page
+    assert m.read_mem(0x2000, 6, WHO, mapped=True) == b"secret"
+    assert m.read_mem(0x2000, 6, WHO) == bytes(6)
+
+
+def test_arm64_reads_only_memblock_ram_and_device_refuses_unplugged():
+    m = load_machine(settings={"arch": "arm64", "STRICT_DEVMEM": "n"})
+    assert err(m.read_mem, 0xFD000000, 4, WHO) == errno.EFAULT  # MMIO is not memblock memory
+    assert m.write_mem(0x100000000, b"plugged", WHO) == 7
+    assert m.read_mem(0x100000000, 7, WHO) == b"plugged"
+    assert err(m.read_mem, 0x180000000, 4, WHO) == errno.EFAULT  # not added: not memblock
+    assert err(m.read_mem, 0x180000000, 4, WHO, mapped=True) == errno.EFAULT  # mapped: the device refuses
+    assert m.virtio["virtio0"].device.violations == {"read": 1, "write": 0}
+
+
+def test_unplugged_inaccessible_off_reads_zeros_and_drops_writes(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text('iomem = "%s"\n[settings]\narch = "arm64"\nSTRICT_DEVMEM = "n"\n[[virtio_mem]]\n'
+                    'addr = "0x100000000"\nregion_size = "1G"\nrequested_size = "128M"\n'
+                    'unplugged_inaccessible = false\n'
+                    % (__import__("conftest").SHARED / "examples/machines/qemu-q35-2G.iomem"))
+    m = load_machine(str(toml))
+    assert m.write_mem(0x110000000, b"lost", WHO, mapped=True) == 4
+    assert m.read_mem(0x110000000, 4, WHO, mapped=True) == bytes(4)
+    assert m.virtio["virtio0"].device.violations == {"read": 1, "write": 1}
+
+
+def test_contents_by_kind():
+    m = load_machine()
+    rom = m.read_mem(0xF0000, 64, WHO)
+    assert rom != bytes(64) and rom == load_machine().read_mem(0xF0000, 64, WHO)  # deterministic
+    m.write_mem(0xF0000, b"x" * 64, WHO)
+    assert m.read_mem(0xF0000, 64, WHO) == rom  # read-only
+    assert m.read_mem(0xC0000000, 8, WHO) == b"\xff" * 8  # a window with nothing behind it
+    m.write_mem(0xC0000000, b"gone", WHO)
+    assert m.read_mem(0xC0000000, 4, WHO) == b"\xff" * 4
+
+
+@pytest.mark.parametrize("toml,needle", [
+    ('[[virtio_mem]]\naddr = "0x100000000"\n', "needs region_size"),
+    ('[[virtio_mem]]\naddr = "0x100000001"\nregion_size = "1G"\n', "multiple"),
+    ('bogus = 1\n', "unknown key(s) bogus"),
+    ('[[resource]]\nrange = "0x2000-0x1000"\nname = "x"\n', "before start"),
+    ('[[resource]]\nrange = "0x1000-0x1fff"\nname = "x"\nflags = "MEM|NOPE"\n', "unknown resource flag"),
+])
+def test_bad_machine_files(tmp_path, toml, needle):
+    f = tmp_path / "m.toml"
+    f.write_text(toml)
+    with pytest.raises(MachineError) as e:
+        load_machine(str(f))
+    assert needle in str(e.value)
+
+
+def test_handler_bug_becomes_eio_not_a_dead_daemon():
+    @_guard
+    async def broken():
+        raise KeyError("bug")
+
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        trio.run(broken)
+    assert e.value.errno == errno.EIO
+
+
+def test_high_memory_ignores_a_partial_last_page(tmp_path):
+    dump = tmp_path / "d.iomem"
+    dump.write_text("00001000-0009fbff : System RAM\n")
+    m = load_machine(iomem_file=str(dump))
+    assert m.high_memory_end == 0x9EFFF  # max_pfn = 0x9f
