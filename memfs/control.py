@@ -36,7 +36,8 @@ class ControlError(Exception):
 class Control:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
-        self.result = "ok: no command yet\n" + USAGE + "\n"
+        policy = " ".join(f"{k}={v}" for k, v in machine.config.describe().items())
+        self.result = f"ok: machine {machine.name}; policy {policy}\n" + USAGE + "\n"
 
     # -- MOUNT/control -------------------------------------------------------
 
@@ -84,6 +85,11 @@ class Control:
 
     def _requested_size(self, name: str, v: VirtioMem, size: int) -> str:
         v.device.set_requested_size(size)
+        return self._converge(name, v)
+
+    def _converge(self, name: str, v: VirtioMem) -> str:
+        """Run the driver's work item and say how far it got."""
+        size = v.device.requested_size
         outcome = v.driver.run()
         self.machine.changed(v.device.addr, v.device.region_size)
         if outcome.converged:
@@ -136,11 +142,15 @@ class Control:
         return None
 
     def _sysfs_store(self, store: Callable[[str], None]) -> Write:
-        def write(opener: Opener, text: str) -> str:
+        def write(opener: Opener, text: str) -> None:
             try:
                 store(text)
             except HotplugError as e:
                 raise ControlError(e.errno, str(e)) from None
+            # Onlining memory can requeue a driver's work item (one stopped at the offline threshold).
+            for name, v in self.machine.virtio.items():
+                if v.driver.work_pending:
+                    self.result = self._converge(name, v) + "\n"
 
         return write
 

@@ -224,3 +224,25 @@ def test_two_devices_never_merge(mount, tmp_path):
     ctl(mnt, "virtio1", "requested-size", "0")
     assert "140000000-17fffffff : virtio1\n340000000" in (mnt / "proc/iomem").read_text()
     assert blocks(mnt) == BOOT_BLOCKS | {32, 33}
+
+
+def test_offline_auto_online_stops_at_threshold_and_onlining_resumes(mount):
+    """auto_online_blocks=offline: new blocks stay offline; the driver stops once another block would
+    take offline memory past offline_threshold = max(2 x 128 MiB, 1 GiB) (spec 6.3/6.6), and onlining
+    memory requeues it (spec 6.5), so it goes on until the threshold stops it again."""
+    mnt = mount()
+    sysfs = mnt / "sys/devices/system/memory"
+    (sysfs / "auto_online_blocks").write_text("offline\n")
+    done = ctl(mnt, "virtio0", "requested-size", "3G")
+    assert done.stdout.startswith("partial:") and "ENOSPC" in done.stdout
+    assert blocks(mnt) == BOOT_BLOCKS | set(range(32, 48))  # 1 GiB online from boot + 1 GiB offline
+    assert (sysfs / "memory40/state").read_text() == "offline\n"
+    assert (sysfs / "memory40/valid_zones").read_text() == "Normal Movable\n"
+    for b in range(40, 48):
+        (sysfs / f"memory{b}/state").write_text("online\n")
+    # the remaining 1 GiB fits under the threshold: all of it is added, offline
+    assert blocks(mnt) == BOOT_BLOCKS | set(range(32, 56))
+    assert (mnt / "control").read_text().startswith("ok: virtio0 requested-size 3221225472: converged")
+    with pytest.raises(OSError) as e:
+        (sysfs / "memory40/state").write_text("online\n")  # already online
+    assert e.value.errno == errno.EINVAL

@@ -553,11 +553,11 @@ def test_config_change_during_run_restarts_it():
     m = Machine(requested=0)
     m.drv.run()
 
-    def host_lowers_target(start, size, what):
+    def host_lowers_target(action, block):
         if m.dev.requested_size == GiB:
             m.dev.set_requested_size(256 * MiB)
-    # The first added block makes the host lower the target while plugging.
-    m.hp.add_listener(host_lowers_target)
+    # Onlining the first added block makes the host lower the target while plugging.
+    m.hp.register_memory_notifier(host_lowers_target)
     r = m.resize(GiB)
     # Block 32 got plugged; the next PLUG saw config_changed (-EAGAIN); the
     # rerun re-read 256 MiB and plugged block 33 only.

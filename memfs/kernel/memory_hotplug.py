@@ -146,7 +146,6 @@ class MemoryBlock:
 MEMORY_BLOCK_ATTRS = ("phys_index", "state", "online", "valid_zones", "removable", "phys_device")
 
 MemoryNotifier = Callable[[int, MemoryBlock], None]
-HotplugListener = Callable[[int, int, str], None]
 
 
 class MemoryHotplug:
@@ -157,10 +156,9 @@ class MemoryHotplug:
     `high_memory_end` is the inclusive last byte of max_pfn: raised by
     add_memory (update_end_of_memory_vars), never lowered.
 
-    Hooks: `register_memory_notifier(fn)` gets fn(action, block) around every
+    Hook: `register_memory_notifier(fn)` gets fn(action, block) around every
     online/offline (raising HotplugError on MEM_GOING_* vetoes it, like a
-    NOTIFY_BAD); `add_listener(fn)` gets fn(start, size, 'add'|'remove') after
-    memory was added (and auto-onlined) or removed.
+    NOTIFY_BAD).
     """
 
     def __init__(self, tree: ResourceTree, block_size: int, auto_online_blocks: str = "online") -> None:
@@ -171,7 +169,6 @@ class MemoryHotplug:
         self.set_auto_online_blocks(auto_online_blocks)
         self.blocks: dict[int, MemoryBlock] = {}
         self._notifiers: list[MemoryNotifier] = []
-        self._listeners: list[HotplugListener] = []
         self.high_memory_end = -1
         self._create_boot_blocks()
 
@@ -197,9 +194,6 @@ class MemoryHotplug:
     def register_memory_notifier(self, fn: MemoryNotifier) -> None:
         """register_memory_notifier()"""
         self._notifiers.append(fn)
-
-    def add_listener(self, fn: HotplugListener) -> None:
-        self._listeners.append(fn)
 
     def set_auto_online_blocks(self, word: str) -> None:
         """auto_online_blocks_store(): one of ONLINE_TYPES, else -EINVAL."""
@@ -324,8 +318,6 @@ class MemoryHotplug:
                     self._online(self.blocks[mb_id], self.auto_online_blocks)
             except HotplugError:
                 pass
-        for fn in self._listeners:
-            fn(start, size, "add")
 
     def remove_memory(self, start: int, size: int) -> None:
         """remove_memory(): every block must be offline (-EBUSY), then it goes away."""
@@ -339,8 +331,6 @@ class MemoryHotplug:
             pass   # the kernel finds nothing to adjust and leaves the tree alone
         for block in list(self.blocks_in(start, size)):
             del self.blocks[block.id]
-        for fn in self._listeners:
-            fn(start, size, "remove")
 
     def offline_and_remove_memory(self, start: int, size: int) -> None:
         """offline_and_remove_memory(): offline every block, remove; re-online on failure."""
