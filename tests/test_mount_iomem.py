@@ -148,3 +148,12 @@ def test_mount_recovers_from_a_killed_daemon(mount):
     assert done.returncode == 0, done.stderr
     assert "cleared a dead memfs mount" in done.stderr
     assert (mnt / "proc/iomem").read_text() == default_with_virtio()
+
+
+def test_run_binds_the_mount_over_the_real_paths(default_mnt):
+    host_dev = sorted(os.listdir("/dev"))
+    done = memfs("run", str(default_mnt), "--", "cat", "/proc/iomem")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == default_with_virtio()
+    assert Path("/proc/iomem").read_text() != done.stdout  # the host's view is untouched
+    assert sorted(os.listdir("/dev")) == host_dev
