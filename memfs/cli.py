@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--iomem", metavar="FILE", help="a captured /proc/iomem to serve")
         sp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="arch=x86_64|arm64, STRICT_DEVMEM=y|n, IO_STRICT_DEVMEM=y|n, "
-                             "EXCLUSIVE_SYSTEM_RAM=y|n, iomem=strict|relaxed, region_intersects=descend|toplevel")
+                             "EXCLUSIVE_SYSTEM_RAM=y|n, iomem=strict|relaxed, region_intersects=descend|toplevel, "
+                             "memhp_default_state=offline|online|online_kernel|online_movable")
 
     m = sub.add_parser("mount", help="mount a machine (returns once the mount is ready)")
     m.add_argument("mountpoint")

@@ -37,6 +37,7 @@ class Control:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         policy = " ".join(f"{k}={v}" for k, v in machine.config.describe().items())
+        policy += f" memhp_default_state={machine.auto_online_blocks}"
         self.result = f"ok: machine {machine.name}; policy {policy}\n" + USAGE + "\n"
 
     # -- MOUNT/control -------------------------------------------------------
@@ -96,6 +97,9 @@ class Control:
             return f"ok: {name} requested-size {size}: converged; {self._state(v)}"
         why = f"{errno.errorcode.get(-outcome.rc, outcome.rc)}: {outcome.reason}" if outcome.rc else outcome.reason
         retry = f", the driver retries in {outcome.retry_ms} ms" if outcome.retry_ms else ""
+        if outcome.rc == -errno.ENOSPC and v.driver.offline_size:
+            retry += ("; online memory (sys/devices/system/memory/memoryN/state) and the driver goes on, "
+                      "or mount with --set memhp_default_state=online")
         return f"partial: {name} requested-size {size}: stopped ({why}{retry}); {self._state(v)}"
 
     @staticmethod

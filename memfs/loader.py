@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from .infer import infer_flags
-from .kernel.devmem import DevmemConfig
+from .kernel.devmem import ConfigError, DevmemConfig
+from .kernel.memory_hotplug import ONLINE_TYPES
 from .kernel.iomem import parse
 from .kernel.ioport import Resource, parse_desc, parse_flags
 from .kernel.resource import ResourceConflict, ResourceTree
@@ -62,13 +63,31 @@ def load_machine(machine_file: str | None = None, iomem_file: str | None = None,
     if iomem_file:
         text = _read(Path(iomem_file))
         tree = _parse_dump(text, iomem_file)
-        return _finish(Machine(tree, DevmemConfig.from_settings(settings), _phys_bits(tree, None),
-                               name=Path(iomem_file).name))
+        return _finish(Machine(tree, DevmemConfig.from_settings(_known(settings)), _phys_bits(tree, None),
+                               name=Path(iomem_file).name, auto_online_blocks=_online_type(settings)))
     if machine_file:
         path = Path(machine_file)
         return _from_toml(_read(path), path.parent, path.name, settings)
     data = resources.files("memfs.data").joinpath(DEFAULT_MACHINE).read_text()
     return _from_toml(data, None, "default", settings)
+
+
+SETTINGS = DevmemConfig.KEYS + ("memhp_default_state",)
+
+
+def _known(settings: dict[str, str]) -> dict[str, str]:
+    for key in settings:
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown setting {key!r} (known: {', '.join(SETTINGS)})")
+    return settings
+
+
+def _online_type(settings: dict[str, str]) -> str:
+    """memhp_default_state=: what auto_online_blocks starts as (the kernel's boot parameter)."""
+    value = settings.get("memhp_default_state", "offline")
+    if value not in ONLINE_TYPES:
+        raise ConfigError(f"memhp_default_state={value!r}: expected one of {', '.join(ONLINE_TYPES)}")
+    return value
 
 
 def _read(path: Path) -> str:
@@ -118,8 +137,9 @@ def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str,
         for i, spec in enumerate(doc.get("resource", [])):
             tree.insert_resource(_resource(spec, f"{label}: resource[{i}]"))
         settings = {k: str(v) for k, v in doc.get("settings", {}).items()} | cli_settings
-        config = DevmemConfig.from_settings(settings)
-        machine = Machine(tree, config, _phys_bits(tree, doc.get("phys_bits")), name=str(doc.get("name", label)))
+        config = DevmemConfig.from_settings(_known(settings))
+        machine = Machine(tree, config, _phys_bits(tree, doc.get("phys_bits")), name=str(doc.get("name", label)),
+                          auto_online_blocks=_online_type(settings))
         for i, spec in enumerate(doc.get("virtio_mem", [])):
             _add_virtio_mem(machine, spec, f"virtio{i}", f"{label}: virtio_mem[{i}]")
     except (ValueError, OSError, ResourceConflict) as e:

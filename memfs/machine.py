@@ -46,6 +46,8 @@ class Machine:
     config: DevmemConfig
     phys_bits: int
     name: str = "machine"
+    # memhp_default_state: Debian 12's 6.1 has CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE unset (set from 6.5 on)
+    auto_online_blocks: str = "offline"
     audit: Audit = field(default_factory=Audit)
     virtio: dict[str, VirtioMem] = field(default_factory=dict)
 
@@ -54,7 +56,7 @@ class Machine:
         boot_ram = [r for r, _ in self.tree.walk()
                     if r.flags & (IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY) == IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY]
         boot_end = max((r.end for r in boot_ram), default=-1)
-        self.hotplug = MemoryHotplug(self.tree, memory_block_size_bytes(boot_end + 1))
+        self.hotplug = MemoryHotplug(self.tree, memory_block_size_bytes(boot_end + 1), self.auto_online_blocks)
         # Called with (start, size) whenever what a range reads as may have changed.
         self.on_change: list[Callable[[int, int], None]] = []
         self._maps_generation = -1

@@ -23,7 +23,7 @@ def err(fn, *args, **kw) -> int:
 
 
 def test_default_machine_high_memory_follows_hotplug():
-    m = load_machine()
+    m = load_machine(settings={"memhp_default_state": "online"})
     # boot RAM ends at 0x7ffdffff; the device's 1 GiB at 0x100000000 raised max_pfn
     assert m.high_memory_end == 0x13FFFFFFF
     m.virtio["virtio0"].device.set_requested_size(3 * GIB)
@@ -94,6 +94,16 @@ def test_contents_by_kind():
     assert m.read_mem(0xC0000000, 8, WHO) == b"\xff" * 8  # a window with nothing behind it
     m.write_mem(0xC0000000, b"gone", WHO)
     assert m.read_mem(0xC0000000, 4, WHO) == b"\xff" * 4
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"FOO": "y"}, "unknown setting 'FOO'"),
+    ({"memhp_default_state": "sometimes"}, "expected one of offline, online"),
+])
+def test_bad_settings(settings, needle):
+    with pytest.raises(ValueError) as e:
+        load_machine(settings=settings)
+    assert needle in str(e.value)
 
 
 @pytest.mark.parametrize("toml,needle", [
