@@ -76,6 +76,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    # /proc/self/mounts, not os.path.ismount(): a dead daemon's mount cannot be stat()ed
+    target = os.path.abspath(args.mountpoint).replace(" ", "\\040")
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == target for line in f)
+    if not mounted:
+        print(f"memfs: umount {args.mountpoint}: nothing is mounted there", file=sys.stderr)
+        return 1
     done = subprocess.run(["fusermount3", "-u"] + (["-z"] if args.lazy else []) + [args.mountpoint],
                           capture_output=True, text=True)
     if done.returncode != 0:

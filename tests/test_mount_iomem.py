@@ -157,3 +157,11 @@ def test_run_binds_the_mount_over_the_real_paths(default_mnt):
     assert done.stdout == default_with_virtio()
     assert Path("/proc/iomem").read_text() != done.stdout  # the host's view is untouched
     assert sorted(os.listdir("/dev")) == host_dev
+
+
+def test_umount(mount):
+    mnt = mount()
+    assert memfs("umount", str(mnt)).returncode == 0
+    assert not os.path.ismount(mnt)
+    again = memfs("umount", str(mnt))
+    assert again.returncode == 1 and "nothing is mounted there" in again.stderr
