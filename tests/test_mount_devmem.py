@@ -17,20 +17,20 @@ BOOT_ONLY = str(SHARED / "examples" / "machines" / "qemu-q35-2G.iomem")  # no ho
 PAGE = 4096
 
 
-def pread(path, size, offset, flags=0):
-    fd = os.open(path, os.O_RDWR | flags)
+def _on_fresh_open(path, fn, *args):
+    fd = os.open(path, os.O_RDWR)
     try:
-        return os.pread(fd, size, offset)
+        return fn(fd, *args)
     finally:
         os.close(fd)
 
 
-def pwrite(path, data, offset, flags=0):
-    fd = os.open(path, os.O_RDWR | flags)
-    try:
-        return os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
+def pread(path, size, offset):
+    return _on_fresh_open(path, os.pread, size, offset)
+
+
+def pwrite(path, data, offset):
+    return _on_fresh_open(path, os.pwrite, data, offset)
 
 
 def errno_of(fn, *args, **kw) -> int:
