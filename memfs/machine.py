@@ -15,7 +15,7 @@ from .audit import KERNEL, Audit, Opener
 from .content import ContentMap, Kind, firmware_bytes
 from .kernel.devmem import PAGE_SHIFT, DevmemConfig, PolicyMap
 from .kernel.ioport import IORESOURCE_BUSY, IORESOURCE_SYSRAM, IORESOURCE_SYSTEM_RAM
-from .kernel.memory_hotplug import MemoryHotplug, memory_block_size_bytes
+from .kernel.memory_hotplug import MemoryHotplug, max_pfn_end, memory_block_size_bytes
 from .kernel.resource import ResourceTree
 from .physmem import SparseMemory
 from .virtio_mem.device import UnpluggedAccess, VirtioMemDevice
@@ -53,10 +53,8 @@ class Machine:
 
     def __post_init__(self) -> None:
         self.memory = SparseMemory(1 << self.phys_bits)
-        boot_ram = [r for r, _ in self.tree.walk()
-                    if r.flags & (IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY) == IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY]
-        boot_end = max((r.end for r in boot_ram), default=-1)
-        self.hotplug = MemoryHotplug(self.tree, memory_block_size_bytes(boot_end + 1), self.auto_online_blocks)
+        self.hotplug = MemoryHotplug(self.tree, memory_block_size_bytes(max_pfn_end(self.tree)),
+                                     self.auto_online_blocks)
         # Called with (start, size) whenever what a range reads as may have changed.
         self.on_change: list[Callable[[int, int], None]] = []
         self._maps_generation = -1

@@ -18,6 +18,7 @@ from .ioport import (
     IORESOURCE_SYSRAM_DRIVER_MANAGED,
     IORESOURCE_SYSTEM_RAM,
 )
+from .ioport import Resource
 from .resource import ResourceConflict, ResourceTree
 
 MiB = 1 << 20
@@ -45,6 +46,18 @@ class HotplugError(OSError):
 
     def __init__(self, err: int, message: str) -> None:
         super().__init__(err, message)
+
+
+def boot_ram(tree: ResourceTree) -> list[Resource]:
+    """The e820 RAM the kernel booted with: busy top-level System RAM not added by a driver."""
+    want = IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY
+    return [r for r in tree.root.children
+            if r.flags & want == want and not r.flags & IORESOURCE_SYSRAM_DRIVER_MANAGED]
+
+
+def max_pfn_end(tree: ResourceTree) -> int:
+    """e820__end_of_ram_pfn() << PAGE_SHIFT: a partial last page of RAM does not count."""
+    return max(((r.end + 1) >> 12 << 12 for r in boot_ram(tree)), default=0)
 
 
 def memory_block_size_bytes(boot_end: int, bare_metal: bool = False) -> int:
@@ -174,12 +187,8 @@ class MemoryHotplug:
 
     def _create_boot_blocks(self) -> None:
         zones: dict[int, set[str]] = {}
-        want = IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY
-        for ram in self.tree.root.children:
-            if ram.flags & want != want or ram.flags & IORESOURCE_SYSRAM_DRIVER_MANAGED:
-                continue
-            # e820__end_of_ram_pfn(): max_pfn = PFN_DOWN(end of RAM); a partial last page does not count
-            self.high_memory_end = max(self.high_memory_end, ((ram.end + 1) >> 12 << 12) - 1)
+        self.high_memory_end = max_pfn_end(self.tree) - 1
+        for ram in boot_ram(self.tree):
             for mb_id in range(ram.start // self.block_size, ram.end // self.block_size + 1):
                 lo = max(ram.start, mb_id * self.block_size)
                 hi = min(ram.end, (mb_id + 1) * self.block_size - 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import errno
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from .ioport import (
     IORES_DESC_NONE,
