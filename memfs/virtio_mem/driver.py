@@ -423,22 +423,23 @@ class VirtioMemDriver:
                 rc, nb_sb = self._sbm_plug_any_sb(uid, nb_sb)
                 if rc or not nb_sb:
                     return rc
-        for uid in self._ids_in(UNUSED):
-            if not self._could_add_memory(self.unit_size):
-                return self._threshold_reached()
-            count = min(nb_sb, self.sbs_per_unit)
-            rc = self._plug_and_add(uid, 0, count)
-            if rc:
-                return rc
-            nb_sb -= count
-            if not nb_sb:
-                return 0
+        return self._plug_unused_and_new(nb_sb)
+
+    def _plug_unused_and_new(self, nb_sb: int) -> int:
+        """The tail both plug requests share: UNUSED units ascending, then brand-new ones.
+
+        Each unit must fit under offline_threshold, gets one PLUG for its first
+        subblocks (BBM: the whole big block, sbs_per_unit == 1) and is then added.
+        """
+        unused = self._ids_in(UNUSED)
         while nb_sb:
             if not self._could_add_memory(self.unit_size):
                 return self._threshold_reached()
-            rc, uid = self._prepare_next()
-            if rc:
-                return rc
+            uid = next(unused, None)
+            if uid is None:
+                rc, uid = self._prepare_next()
+                if rc:
+                    return rc
             count = min(nb_sb, self.sbs_per_unit)
             rc = self._plug_and_add(uid, 0, count)
             if rc:
@@ -553,26 +554,7 @@ class VirtioMemDriver:
         nb_bb = diff // self.unit_size
         if not nb_bb:
             return self._why(0, f"difference {diff:#x} is smaller than a big block")
-        for uid in self._ids_in(UNUSED):
-            if not self._could_add_memory(self.unit_size):
-                return self._threshold_reached()
-            rc = self._plug_and_add(uid, 0, 1)
-            if rc:
-                return rc
-            nb_bb -= 1
-            if not nb_bb:
-                return 0
-        while nb_bb:
-            if not self._could_add_memory(self.unit_size):
-                return self._threshold_reached()
-            rc, uid = self._prepare_next()
-            if rc:
-                return rc
-            rc = self._plug_and_add(uid, 0, 1)
-            if rc:
-                return rc
-            nb_bb -= 1
-        return 0
+        return self._plug_unused_and_new(nb_bb)
 
     def _bbm_blocks(self, uid: int) -> list[MemoryBlock]:
         return list(self.hotplug.blocks_in(self._unit_addr(uid), self.unit_size))
