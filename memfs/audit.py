@@ -1,4 +1,10 @@
-"""Bounded record of refused /dev/mem accesses (and device spec violations)."""
+"""Bounded record of refused /dev/mem accesses, and a rate-limited log of them.
+
+The log follows printk_ratelimit(): per (rule, process) at most `burst`
+lines per `interval` seconds, then one line saying how many were
+suppressed. The record (MOUNT/audit) keeps the most recent `limit`
+refusals whatever the log says.
+"""
 from __future__ import annotations
 
 import collections
@@ -7,6 +13,9 @@ import time
 from dataclasses import dataclass
 
 log = logging.getLogger("memfs.audit")
+
+RATELIMIT_INTERVAL = 5.0   # DEFAULT_RATELIMIT_INTERVAL (5 * HZ)
+RATELIMIT_BURST = 10       # DEFAULT_RATELIMIT_BURST
 
 
 @dataclass(frozen=True)
@@ -46,18 +55,52 @@ class Record:
                 f"{self.op} [{self.start:#x}-{self.end:#x}] {self.errno_name}: {self.rule}\n")
 
 
+class RateLimit:
+    """___ratelimit(): `burst` events per `interval` per key; counts what it suppresses."""
+
+    def __init__(self, interval: float = RATELIMIT_INTERVAL, burst: int = RATELIMIT_BURST,
+                 keys: int = 4096) -> None:
+        self.interval = interval
+        self.burst = burst
+        self._keys = keys
+        self._state: collections.OrderedDict[object, list[float | int]] = collections.OrderedDict()
+
+    def __call__(self, key: object, now: float) -> tuple[bool, int]:
+        """(whether to print, how many were suppressed in the interval that just ended)."""
+        state = self._state.get(key)
+        suppressed = 0
+        if state is None or now - state[0] >= self.interval:
+            suppressed = int(state[2]) if state is not None else 0
+            state = [now, 0, 0]
+            self._state[key] = state
+            if len(self._state) > self._keys:  # bounded: forget the oldest key
+                self._state.popitem(last=False)
+        if state[1] < self.burst:
+            state[1] += 1
+            return True, suppressed
+        state[2] += 1
+        return False, suppressed
+
+
 class Audit:
-    """The most recent `limit` records, also sent to the daemon log."""
+    """The most recent `limit` records; the log gets them rate-limited per rule and process."""
 
     def __init__(self, limit: int = 1000) -> None:
         self.records: collections.deque[Record] = collections.deque(maxlen=limit)
         self.total = 0
+        self._ratelimit = RateLimit()
 
     def refuse(self, opener: Opener, op: str, start: int, end: int, errno_name: str, rule: str) -> None:
-        record = Record(time.time(), opener, op, start, end, errno_name, rule)
+        """Record one refusal; log it unless its (rule, pid) is over the rate limit."""
+        now = time.time()
+        record = Record(now, opener, op, start, end, errno_name, rule)
         self.records.append(record)
         self.total += 1
-        log.warning("refused %s", record.line().rstrip())
+        show, suppressed = self._ratelimit((rule, opener.pid), now)
+        if suppressed:
+            log.warning("%d refusals suppressed: pid=%d comm=%s: %s", suppressed, opener.pid, opener.comm, rule)
+        if show:
+            log.warning("refused %s", record.line().rstrip())
 
     def text(self) -> str:
         dropped = self.total - len(self.records)

@@ -4,16 +4,21 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import logging.handlers
 import os
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
+from . import settings
 from .loader import MachineError, load_machine
+from .machine import Machine
+
+LOG_BYTES = 1 << 20  # per log file; one older file is kept
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -22,7 +27,7 @@ def _settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _machine(args: argparse.Namespace):
+def _machine(args: argparse.Namespace) -> Machine:
     return load_machine(args.machine, args.iomem, _settings(args.set))
 
 
@@ -33,63 +38,51 @@ def cmd_iomem(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_setup(args: argparse.Namespace) -> Callable[[], None]:
+    """Logging for the daemon: its own file per mount by default, bounded in size."""
+    def setup() -> None:
+        handler: logging.Handler
+        if args.foreground:
+            handler = logging.StreamHandler()
+        else:
+            handler = logging.handlers.RotatingFileHandler(args.log or default_log(args.mountpoint),
+                                                           maxBytes=LOG_BYTES, backupCount=1)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
+
+    return setup
+
+
+def default_log(mountpoint: str) -> str:
+    """Each mount logs to a file of its own, named after its mount point."""
+    return os.path.join(tempfile.gettempdir(), "memfs" + os.path.abspath(mountpoint).replace("/", "-") + ".log")
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .fuse.daemon import prepare_mountpoint, serve
+    from .fuse import daemon
 
     machine = _machine(args)
-    note = prepare_mountpoint(args.mountpoint)
+    note = daemon.prepare_mountpoint(args.mountpoint)
     if note:
         print(f"memfs: {note}", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        filename=None if args.foreground else args.log)
     if args.foreground:
-        serve(machine, args.mountpoint, args.allow_other,
-              ready=lambda: print(f"memfs: serving {machine.name} at {args.mountpoint}", flush=True))
+        _log_setup(args)()
+        daemon.serve(machine, args.mountpoint, args.allow_other,
+                     ready=lambda: print(f"memfs: serving {machine.name} at {args.mountpoint}", flush=True))
         return 0
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(read_end)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        status = 1
-        try:
-            serve(machine, args.mountpoint, args.allow_other, ready=lambda: os.write(write_end, b"ready\n"))
-            status = 0
-        except BaseException as e:  # report why the mount failed to the waiting parent
-            os.write(write_end, f"error {e}\n".encode())
-            logging.exception("daemon failed")
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        answer = pipe.readline().strip()
-    if answer != "ready":
-        print(f"memfs: mount failed: {answer.removeprefix('error ') or 'daemon exited'} (log: {args.log})",
-              file=sys.stderr)
-        return 1
-    print(f"memfs: mounted {machine.name} at {args.mountpoint} (daemon pid {pid}, log {args.log})")
+    log = args.log or default_log(args.mountpoint)
+    try:
+        pid = daemon.start(machine, args.mountpoint, args.allow_other, _log_setup(args))
+    except daemon.MountError as e:
+        raise daemon.MountError(f"{e} (log: {log})") from None
+    print(f"memfs: mounted {machine.name} at {args.mountpoint} (daemon pid {pid}, log {log})")
     return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    # /proc/self/mounts, not os.path.ismount(): a dead daemon's mount cannot be stat()ed
-    target = os.path.abspath(args.mountpoint).replace(" ", "\\040")
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1] == target for line in f)
-    if not mounted:
-        print(f"memfs: umount {args.mountpoint}: nothing is mounted there", file=sys.stderr)
-        return 1
-    done = subprocess.run(["fusermount3", "-u"] + (["-z"] if args.lazy else []) + [args.mountpoint],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"memfs: umount {args.mountpoint}: {done.stderr.strip()}"
-              + ("" if args.lazy else f" (a busy mount can be detached with: memfs umount --lazy {args.mountpoint})"),
-              file=sys.stderr)
-        return 1
+    from .fuse import daemon
+
+    daemon.unmount(args.mountpoint, args.lazy)
     return 0
 
 
@@ -110,7 +103,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         f.seek(0)
         result = f.read().decode()
     if failed is not None:
-        reason = result.strip() or f"error: {errno.errorcode.get(failed.errno, failed.errno)}: {failed.strerror}"
+        reason = result.strip() or f"error: {errno.errorcode.get(failed.errno or 0, failed.errno)}: {failed.strerror}"
         print(f"memfs: {' '.join(args.words)}: {reason}", file=sys.stderr)
         return 1
     sys.stdout.write(result)
@@ -132,16 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--machine", metavar="FILE", help="a TOML machine description")
         src.add_argument("--iomem", metavar="FILE", help="a captured /proc/iomem to serve")
         sp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                        help="arch=x86_64|arm64, STRICT_DEVMEM=y|n, IO_STRICT_DEVMEM=y|n, "
-                             "EXCLUSIVE_SYSTEM_RAM=y|n, iomem=strict|relaxed, region_intersects=descend|toplevel, "
-                             "memhp_default_state=offline|online|online_kernel|online_movable")
+                        help=settings.help_text())
 
     m = sub.add_parser("mount", help="mount a machine (returns once the mount is ready)")
     m.add_argument("mountpoint")
     machine_args(m)
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     m.add_argument("--foreground", action="store_true", help="serve in this process")
-    m.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "memfs.log"), help="daemon log file")
+    m.add_argument("--log", help="daemon log file (default: /tmp/memfs-MOUNTPOINT.log, one per mount)")
     m.add_argument("-v", "--verbose", action="store_true", help="log every mount and command")
     m.set_defaults(func=cmd_mount)
 
@@ -171,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except (MachineError, ValueError) as e:
         print(f"memfs: {e}", file=sys.stderr)
         return 2

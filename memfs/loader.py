@@ -23,28 +23,36 @@ TOML machine file (every key optional unless stated):
     unplugged_inaccessible = true
     id = "virtio0"                # QEMU id; default: the Linux name (virtio0, virtio1, ... in order)
     memdev = "mem0"                # backend name, shown as /objects/mem0
+    [firmware]                    # SMBIOS/ACPI/BIOS data generated for an x86 PC layout (memfs.firmware)
+    enabled = true                # false: firmware ranges hold fixed pseudo-random bytes instead
+    cpus = 1                      # SMBIOS processors, MADT local APICs
+    smbios = "2.8"                # entry point: "2.8" (_SM_) or "3.0" (_SM3_)
+    system_manufacturer = "QEMU"  # also: bios_vendor, bios_version, bios_date (MM/DD/YYYY),
+                                  # system_product, system_version, system_serial, system_uuid,
+                                  # acpi_oem_id, acpi_oem_table_id
 """
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .firmware import Firmware, FirmwareError, FirmwareStrings, build_firmware, platform_from_tree
 from .infer import infer_flags
-from .kernel.devmem import ConfigError, DevmemConfig
-from .kernel.memory_hotplug import ONLINE_TYPES
 from .kernel.iomem import parse
 from .kernel.ioport import Resource, parse_desc, parse_flags
 from .kernel.resource import ResourceConflict, ResourceTree
-from .machine import Machine, VirtioMem
+from .machine import Machine
 from .physmem import SparseMemory
+from .settings import Config, SettingError
 from .units import parse_addr, parse_size
 from .virtio_mem.device import VirtioMemDevice
-from .virtio_mem.driver import VirtioMemDriver
 
 DEFAULT_MACHINE = "default.toml"
-_TOP_KEYS = {"name", "iomem", "iomem_text", "phys_bits", "settings", "resource", "virtio_mem"}
+_TOP_KEYS = {"name", "iomem", "iomem_text", "phys_bits", "settings", "resource", "virtio_mem", "firmware"}
+_FIRMWARE_KEYS = {"enabled", "cpus", "smbios"} | {f.name for f in dataclasses.fields(FirmwareStrings)}
 _RES_KEYS = {"range", "start", "end", "size", "name", "flags", "desc", "children"}
 _VIRTIO_KEYS = {"addr", "region_size", "block_size", "requested_size", "node", "unplugged_inaccessible", "id",
                 "memdev"}
@@ -63,8 +71,8 @@ def load_machine(machine_file: str | None = None, iomem_file: str | None = None,
     if iomem_file:
         text = _read(Path(iomem_file))
         tree = _parse_dump(text, iomem_file)
-        return _finish(Machine(tree, DevmemConfig.from_settings(_known(settings)), _phys_bits(tree, None),
-                               name=Path(iomem_file).name, auto_online_blocks=_online_type(settings)))
+        return _finish(Machine(tree, _config(settings, iomem_file), _phys_bits(tree, None), name=Path(iomem_file).name,
+                               firmware=_firmware(tree, {}, iomem_file)))
     if machine_file:
         path = Path(machine_file)
         return _from_toml(_read(path), path.parent, path.name, settings)
@@ -72,22 +80,41 @@ def load_machine(machine_file: str | None = None, iomem_file: str | None = None,
     return _from_toml(data, None, "default", settings)
 
 
-SETTINGS = DevmemConfig.KEYS + ("memhp_default_state",)
+def _firmware(tree: ResourceTree, spec: dict[str, Any], where: str) -> Firmware | None:
+    """SMBIOS, ACPI and BIOS data for an x86 PC layout (None for others, or with enabled = false)."""
+    _only(spec, _FIRMWARE_KEYS, f"{where}: firmware")
+    if not _typed(spec.get("enabled", True), bool, "firmware.enabled"):
+        return None
+    platform = platform_from_tree(tree, _typed(spec.get("cpus", 1), int, "firmware.cpus"))
+    if platform is None:
+        return None
+    strings = {k: _typed(v, str, f"firmware.{k}") for k, v in spec.items() if k not in ("enabled", "cpus", "smbios")}
+    try:
+        return build_firmware(platform, FirmwareStrings(**strings), _typed(spec.get("smbios", "2.8"), str,
+                                                                           "firmware.smbios"))
+    except FirmwareError as e:
+        raise MachineError(f"{where}: firmware: {e}") from None
 
 
-def _known(settings: dict[str, str]) -> dict[str, str]:
-    for key in settings:
-        if key not in SETTINGS:
-            raise ConfigError(f"unknown setting {key!r} (known: {', '.join(SETTINGS)})")
-    return settings
+def _config(settings: dict[str, str], where: str) -> Config:
+    try:
+        return Config.of(settings)
+    except SettingError as e:
+        raise MachineError(f"{where}: {e}") from None
 
 
-def _online_type(settings: dict[str, str]) -> str:
-    """memhp_default_state=: what auto_online_blocks starts as (the kernel's boot parameter)."""
-    value = settings.get("memhp_default_state", "offline")
-    if value not in ONLINE_TYPES:
-        raise ConfigError(f"memhp_default_state={value!r}: expected one of {', '.join(ONLINE_TYPES)}")
+def _typed(value: Any, kind: type | tuple[type, ...], key: str, optional: bool = False) -> Any:
+    """A machine-file value of the expected TOML type(s), else a one-line MachineError."""
+    if value is None and optional:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise MachineError(f"{key} = {value!r}: expected {' or '.join(_TOML_TYPES[k] for k in kinds)}")
     return value
+
+
+_TOML_TYPES: dict[type, str] = {str: "a string", int: "an integer", bool: "true or false", dict: "a table",
+                                list: "an array"}
 
 
 def _read(path: Path) -> str:
@@ -136,10 +163,12 @@ def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str,
     try:
         for i, spec in enumerate(doc.get("resource", [])):
             tree.insert_resource(_resource(spec, f"{label}: resource[{i}]"))
-        settings = {k: str(v) for k, v in doc.get("settings", {}).items()} | cli_settings
-        config = DevmemConfig.from_settings(_known(settings))
-        machine = Machine(tree, config, _phys_bits(tree, doc.get("phys_bits")), name=str(doc.get("name", label)),
-                          auto_online_blocks=_online_type(settings))
+        settings = {k: _typed(v, str, f"settings.{k}") for k, v in _typed(doc.get("settings", {}), dict,
+                                                                                "settings").items()}
+        machine = Machine(tree, _config(settings | cli_settings, label),
+                          _phys_bits(tree, _typed(doc.get("phys_bits"), int, "phys_bits", optional=True)),
+                          name=_typed(doc.get("name", label), str, "name"),
+                          firmware=_firmware(tree, _typed(doc.get("firmware", {}), dict, "firmware"), label))
         for i, spec in enumerate(doc.get("virtio_mem", [])):
             _add_virtio_mem(machine, spec, f"virtio{i}", f"{label}: virtio_mem[{i}]")
     except (ValueError, OSError, ResourceConflict) as e:
@@ -185,21 +214,26 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
     for key in ("addr", "region_size"):
         if key not in spec:
             raise MachineError(f"{where}: needs {key}")
-    region_size = parse_size(spec["region_size"], "region_size")
+    size_or_addr = (str, int)
+    region_size = parse_size(_typed(spec["region_size"], size_or_addr, f"{where}.region_size"), "region_size")
     device = VirtioMemDevice(
-        id=str(spec.get("id", linux_name)),
-        addr=parse_addr(spec["addr"]),
+        id=_typed(spec.get("id", linux_name), str, f"{where}.id"),
+        addr=parse_addr(_typed(spec["addr"], size_or_addr, f"{where}.addr")),
         region_size=region_size,
-        block_size=parse_size(spec.get("block_size", "2M"), "block_size"),
+        block_size=parse_size(_typed(spec.get("block_size", "2M"), size_or_addr, f"{where}.block_size"),
+                              "block_size"),
         memory=SparseMemory(region_size),
-        requested_size=parse_size(spec.get("requested_size", 0), "requested_size"),
-        node=int(spec.get("node", 0)),
-        unplugged_inaccessible=bool(spec.get("unplugged_inaccessible", True)),
-        memdev=spec.get("memdev"),
+        requested_size=parse_size(_typed(spec.get("requested_size", 0), size_or_addr, f"{where}.requested_size"),
+                                  "requested_size"),
+        node=_typed(spec.get("node", 0), int, f"{where}.node"),
+        unplugged_inaccessible=_typed(spec.get("unplugged_inaccessible", True), bool,
+                                      f"{where}.unplugged_inaccessible"),
+        memdev=_typed(spec.get("memdev"), str, f"{where}.memdev", optional=True),
+        changed=machine.changed,
     )
     if device.addr + region_size > machine.size:
         raise MachineError(f"{where}: region ends above the {machine.phys_bits}-bit address space")
-    machine.virtio[linux_name] = VirtioMem(device, VirtioMemDriver(device, machine.hotplug, linux_name))
+    machine.add_virtio_mem(linux_name, device)
 
 
 def _finish(machine: Machine) -> Machine:

@@ -9,6 +9,7 @@ read as zeros afterwards and their RSS goes back to the host.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 
 CHUNK_SHIFT = 26  # 64 MiB: few mmaps for big machines, cheap to drop whole
 CHUNK = 1 << CHUNK_SHIFT
@@ -28,7 +29,7 @@ class SparseMemory:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"[{offset:#x}, +{length:#x}) is outside a store of {self.size:#x} bytes")
 
-    def _spans(self, offset: int, length: int):
+    def _spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(chunk index, offset in chunk, length) pieces of a range."""
         end = offset + length
         while offset < end:

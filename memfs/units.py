@@ -1,38 +1,117 @@
-"""Sizes and addresses as people write them: 512M, 0x100000000, 4096."""
+"""Sizes and addresses as people write them: 512M, 0x100000000, 4096.
+
+| form | `parse_size` | `parse_addr` |
+|---|---|---|
+| decimal: `4096`, `0` | bytes | address |
+| hex: `0x1000`, `0X1000` | bytes | address |
+| either, with a binary unit `K` `M` `G` `T` (any case, optionally followed by `iB` or `B`): `512M`, `2MiB`, `0x10g` | times 2^10 ... 2^40 | refused |
+| an `int` (from a TOML file) | itself | itself |
+
+Both return 0 ... 2^64-1 (what a 64-bit `resource_size_t` holds). Anything else is a
+ValueError that says what is wrong with it: empty, negative, a sign, underscores, octal or
+binary prefixes, a leading zero (`010` is octal to C), fractions, unknown units, trailing
+text, a boolean, or a value that does not fit in 64 bits.
+"""
 from __future__ import annotations
 
-_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+import re
+
+from .kernel.sizes import SZ_1G, SZ_1K, SZ_1M, SZ_1T
+
+U64_MAX = (1 << 64) - 1
+UNITS = {"K": SZ_1K, "M": SZ_1M, "G": SZ_1G, "T": SZ_1T}
+
+_NUMBER = r"(?P<number>0[xX][0-9a-fA-F]+|[0-9]+)"
+_SIZE = re.compile(_NUMBER + r"(?:(?P<unit>[KMGTkmgt])(?:iB|ib|IB|Ib|B|b)?)?")
+_ADDR = re.compile(_NUMBER)
+_NUMBER_THEN = re.compile(r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?P<rest>.+)")
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """Plain bytes, hex, or a number with a binary K/M/G/T suffix (optionally followed by 'iB' or 'B')."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        word = str(text).strip()
-        for tail in ("iB", "B"):
-            if len(word) > 1 and word[-len(tail) - 1:-len(tail)].upper() in _SUFFIX and word.endswith(tail):
-                word = word[:-len(tail)]
-        scale = _SUFFIX.get(word[-1:].upper(), 1) if word else 1
-        digits = word[:-1] if scale > 1 else word
-        try:
-            value = int(digits, 0) * scale
-        except ValueError:
-            raise ValueError(f"bad {what} {text!r}: expected bytes, 0x... or a number with K/M/G/T") from None
-    if value < 0:
-        raise ValueError(f"bad {what} {text!r}: negative")
+    """A size in bytes: decimal or 0x hex, optionally times a binary unit K/M/G/T."""
+    if not isinstance(text, str):
+        return _checked_int(text, what)
+    word = text.strip()
+    m = _SIZE.fullmatch(word)
+    if m is None:
+        raise ValueError(f"bad {what} {_shown(text)}: {_why(word, sizes=True)}")
+    unit = m.group("unit")
+    value = _number(m.group("number"), text, what) * (UNITS[unit.upper()] if unit else 1)
+    if value > U64_MAX:
+        raise _too_big(text, what)
     return value
 
 
 def parse_addr(text: str | int, what: str = "address") -> int:
-    """Hex (0x...) or decimal."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        try:
-            value = int(str(text).strip(), 0)
-        except ValueError:
-            raise ValueError(f"bad {what} {text!r}: expected hex (0x...) or decimal") from None
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"bad {what} {text!r}: outside the 64-bit address space")
+    """A physical address: decimal or 0x hex."""
+    if not isinstance(text, str):
+        return _checked_int(text, what)
+    word = text.strip()
+    m = _ADDR.fullmatch(word)
+    if m is None:
+        raise ValueError(f"bad {what} {_shown(text)}: {_why(word, sizes=False)}")
+    value = _number(m.group("number"), text, what)
+    if value > U64_MAX:
+        raise _too_big(text, what)
     return value
+
+
+def _checked_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"bad {what} {_shown(value)}: expected an integer or a string, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"bad {what} {_shown(value)}: negative")
+    if value > U64_MAX:
+        raise _too_big(value, what)
+    return value
+
+
+def _number(digits: str, text: str, what: str) -> int:
+    hexadecimal = digits[:2] in ("0x", "0X")
+    if not hexadecimal and len(digits) > 1 and digits[0] == "0":
+        raise ValueError(f"bad {what} {_shown(text)}: leading zero (C would read it as octal); "
+                         f"write {digits.lstrip('0') or '0'} or 0x{digits.lstrip('0') or '0'} if hex is meant")
+    if len(digits.lstrip("0xX")) > 20:  # more digits than any 64-bit value has; spare int() the work
+        raise _too_big(text, what)
+    return int(digits, 16 if hexadecimal else 10)
+
+
+def _shown(text: object) -> str:
+    """repr() of the input, cut short: an error message quotes it, and it may be a page long."""
+    r = repr(text)
+    return r if len(r) <= 40 else r[:36] + "...'"
+
+
+def _too_big(text: object, what: str) -> ValueError:
+    return ValueError(f"bad {what} {_shown(text)}: does not fit in 64 bits (at most {U64_MAX:#x} = {U64_MAX})")
+
+
+def _why(word: str, sizes: bool) -> str:
+    """What is wrong with a word that is not a size (or address)."""
+    expected = ("expected bytes (4096), hex (0x1000) or a number with a unit K, M, G or T (512M)" if sizes
+                else "expected hex (0x1000) or decimal (4096)")
+    if not word:
+        return "empty; " + expected
+    if word[0] == "-":
+        return "negative"
+    if word[0] == "+":
+        return "no sign allowed; " + expected
+    if any(c.isspace() for c in word):
+        return "no spaces allowed; " + expected
+    if "_" in word:
+        return "no underscores allowed; " + expected
+    if word[:2] in ("0o", "0O", "0b", "0B"):
+        return "octal and binary prefixes are not accepted; " + expected
+    if re.fullmatch(r"0[xX](?![0-9a-fA-F]).*", word):
+        return "0x without hex digits; " + expected
+    m = _NUMBER_THEN.fullmatch(word)
+    if m is None:
+        return expected
+    rest = m.group("rest")
+    if rest[0] in ".,":
+        return "not a whole number; " + ("use a smaller unit (1536M, not 1.5G)" if sizes else expected)
+    if not rest.isalpha():
+        return expected
+    if not sizes:
+        return f"an address takes no unit ({_shown(rest)}); " + expected
+    return f"unknown unit {_shown(rest)} (known: K, M, G, T, each optionally followed by iB or B)"

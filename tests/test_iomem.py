@@ -12,8 +12,8 @@ from memfs.kernel.iomem import IomemParseError, parse, render
 from memfs.kernel.ioport import Resource
 from memfs.kernel.resource import ResourceTree
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DUMPS = sorted((SHARED / "examples" / "iomem").glob("*.txt")) + [SHARED / "examples" / "machines" / "qemu-q35-2G.iomem"]
+from conftest import DUMPS as REAL_DUMPS, QEMU_Q35_2G  # noqa: E402
+DUMPS = REAL_DUMPS + [QEMU_Q35_2G]
 
 
 def zeroed(text: str) -> str:

@@ -7,13 +7,11 @@ import pytest
 import trio
 
 import pyfuse3
-from memfs.audit import Opener
 from memfs.fuse.ops import _guard
+from memfs.kernel.mem import AccessError
 from memfs.loader import MachineError, load_machine
-from memfs.machine import AccessError
 
 GIB = 1 << 30
-WHO = Opener(4242, "tester", 0)
 
 
 def err(fn, *args, **kw) -> int:
@@ -22,54 +20,65 @@ def err(fn, *args, **kw) -> int:
     return e.value.errno
 
 
+def read(m, addr, n, mapped=False):
+    return m.devmem.load_mapped(addr, n) if mapped else m.devmem.read_mem(addr, n)
+
+
+def write(m, addr, data, mapped=False):
+    if mapped:
+        m.devmem.store_mapped(addr, data)
+        return len(data)
+    return m.devmem.write_mem(addr, data)
+
+
 def test_default_machine_high_memory_follows_hotplug():
     m = load_machine(settings={"memhp_default_state": "online"})
     # boot RAM ends at 0x7ffdffff; the device's 1 GiB at 0x100000000 raised max_pfn
-    assert m.high_memory_end == 0x13FFFFFFF
+    assert m.hotplug.high_memory_end == 0x13FFFFFFF
     m.virtio["virtio0"].device.set_requested_size(3 * GIB)
     m.virtio["virtio0"].driver.run()
-    assert m.high_memory_end == 0x1BFFFFFFF
+    assert m.hotplug.high_memory_end == 0x1BFFFFFFF
     m.virtio["virtio0"].device.set_requested_size(0)
     m.virtio["virtio0"].driver.run()
-    assert m.high_memory_end == 0x1BFFFFFFF  # never lowered
-    assert err(m.read_mem, 0x100000000, 4096, WHO) == errno.EPERM  # exclusive, below high_memory
-    assert err(m.read_mem, 0x1C0000000, 4096, WHO) == errno.EFAULT  # beyond it: checked first
+    assert m.hotplug.high_memory_end == 0x1BFFFFFFF  # never lowered
+    assert err(read, m, 0x100000000, 4096) == errno.EPERM  # exclusive, below high_memory
+    assert err(read, m, 0x1C0000000, 4096) == errno.EFAULT  # beyond it: checked first
 
 
 def test_x86_valid_phys_addr_range_edges():
-    m = load_machine(iomem_file=str(__import__("conftest").SHARED / "examples/machines/qemu-q35-2G.iomem"))
+    m = load_machine(iomem_file=str(__import__("conftest").QEMU_Q35_2G))
     top = 0x7FFDFFFF
-    assert m.valid_phys_addr_range(top, 1) and not m.valid_phys_addr_range(top, 2)
-    assert not m.valid_phys_addr_range(0, 0)  # addr + count - 1 wraps
-    assert m.valid_phys_addr_range(0x1000, 0)
+    assert m.devmem.valid_phys_addr_range(top, 1) and not m.devmem.valid_phys_addr_range(top, 2)
+    assert not m.devmem.valid_phys_addr_range(0, 0)  # addr + count - 1 wraps
+    assert m.devmem.valid_phys_addr_range(0x1000, 0)
 
 
-def test_write_refused_on_a_later_page_keeps_earlier_pages_and_audits():
+def test_write_refused_on_a_later_page_keeps_earlier_pages_and_names_the_rule():
     m = load_machine()
     data = b"A" * 4096 + b"B" * 4096
-    assert err(m.write_mem, 0xFDFFF000, data, WHO) == errno.EPERM
-    assert m.read_mem(0xFDFFF000, 4096, WHO) == b"A" * 4096
-    rec = m.audit.records[-1]
-    assert (rec.opener.pid, rec.opener.comm, rec.op, rec.start) == (4242, "tester", "write", 0xFE000000)
-    assert "virtio-pci-modern" in rec.rule
+    with pytest.raises(AccessError) as e:
+        m.devmem.write_mem(0xFDFFF000, data)
+    assert (e.value.errno, e.value.start) == (errno.EPERM, 0xFE000000)
+    assert "virtio-pci-modern" in e.value.rule
+    assert read(m, 0xFDFFF000, 4096) == b"A" * 4096
 
 
 def test_zero_fill_pages_read_zeros_and_swallow_writes_but_map_real():
     m = load_machine()
-    assert m.write_mem(0x2000, b"secret", WHO) == 6
-    assert m.read_mem(0x2000, 6, WHO) == bytes(6)
-    assert m.write_mem(0x2000, b"secret", WHO, mapped=True) == 6  # mmap maps the real page
-    assert m.read_mem(0x2000, 6, WHO, mapped=True) == b"secret"
-    assert m.read_mem(0x2000, 6, WHO) == bytes(6)
+    assert write(m, 0x2000, b"secret") == 6
+    assert read(m, 0x2000, 6) == bytes(6)
+    assert write(m, 0x2000, b"secret", mapped=True) == 6  # mmap maps the real page
+    assert read(m, 0x2000, 6, mapped=True) == b"secret"
+    assert read(m, 0x2000, 6) == bytes(6)
 
 
 def test_arm64_reads_only_memblock_ram_and_device_refuses_unplugged():
     m = load_machine(settings={"arch": "arm64", "STRICT_DEVMEM": "n"})
-    assert err(m.read_mem, 0xFD000000, 4, WHO) == errno.EFAULT  # MMIO is not memblock memory
-    assert m.write_mem(0x100000000, b"plugged", WHO) == 7
-    assert m.read_mem(0x100000000, 7, WHO) == b"plugged"
-    assert err(m.read_mem, 0x180000000, 4, WHO) == errno.EFAULT  # not added: not memblock
-    assert err(m.read_mem, 0x180000000, 4, WHO, mapped=True) == errno.EFAULT  # mapped: the device refuses
+    assert err(read, m, 0xFD000000, 4) == errno.EFAULT  # MMIO is not memblock memory
+    assert write(m, 0x100000000, b"plugged") == 7
+    assert read(m, 0x100000000, 7) == b"plugged"
+    assert err(read, m, 0x180000000, 4) == errno.EFAULT  # not added: not memblock
+    assert err(read, m, 0x180000000, 4, mapped=True) == errno.EFAULT  # mapped: the device refuses
     assert m.virtio["virtio0"].device.violations == {"read": 1, "write": 0}
 
 
@@ -78,22 +87,30 @@ def test_unplugged_inaccessible_off_reads_zeros_and_drops_writes(tmp_path):
     toml.write_text('iomem = "%s"\n[settings]\narch = "arm64"\nSTRICT_DEVMEM = "n"\n[[virtio_mem]]\n'
                     'addr = "0x100000000"\nregion_size = "1G"\nrequested_size = "128M"\n'
                     'unplugged_inaccessible = false\n'
-                    % (__import__("conftest").SHARED / "examples/machines/qemu-q35-2G.iomem"))
+                    % (__import__("conftest").QEMU_Q35_2G))
     m = load_machine(str(toml))
-    assert m.write_mem(0x110000000, b"lost", WHO, mapped=True) == 4
-    assert m.read_mem(0x110000000, 4, WHO, mapped=True) == bytes(4)
+    assert write(m, 0x110000000, b"lost", mapped=True) == 4
+    assert read(m, 0x110000000, 4, mapped=True) == bytes(4)
     assert m.virtio["virtio0"].device.violations == {"read": 1, "write": 1}
 
 
-def test_contents_by_kind():
+def test_contents_by_kind(tmp_path):
     m = load_machine()
-    rom = m.read_mem(0xF0000, 64, WHO)
-    assert rom != bytes(64) and rom == load_machine().read_mem(0xF0000, 64, WHO)  # deterministic
-    m.write_mem(0xF0000, b"x" * 64, WHO)
-    assert m.read_mem(0xF0000, 64, WHO) == rom  # read-only
-    assert m.read_mem(0xC0000000, 8, WHO) == b"\xff" * 8  # a window with nothing behind it
-    m.write_mem(0xC0000000, b"gone", WHO)
-    assert m.read_mem(0xC0000000, 4, WHO) == b"\xff" * 4
+    segment = read(m, 0xF0000, 0x10000)
+    assert b"_SM_" in segment and b"RSD PTR " in segment  # the generated firmware
+    assert segment == read(load_machine(), 0xF0000, 0x10000)  # deterministic
+    write(m, 0xF0000, b"x" * 64)
+    assert read(m, 0xF0000, 0x10000) == segment  # read-only
+    assert read(m, 0xC0000000, 8) == b"\xff" * 8  # a window with nothing behind it
+    write(m, 0xC0000000, b"gone")
+    assert read(m, 0xC0000000, 4) == b"\xff" * 4
+    assert read(m, 0xFD000000, 4) == bytes(4)  # a BAR: MMIO, zeros at first
+    write(m, 0xFD000000, b"regs")
+    assert read(m, 0xFD000000, 4) == b"regs"
+    toml = tmp_path / "m.toml"
+    toml.write_text('iomem = "%s"\n[firmware]\nenabled = false\n' % __import__("conftest").QEMU_Q35_2G)
+    rom = read(load_machine(str(toml)), 0xF0000, 64)
+    assert rom != bytes(64) and rom == read(load_machine(str(toml)), 0xF0000, 64)  # fixed pseudo-random
 
 
 @pytest.mark.parametrize("settings,needle", [
@@ -135,4 +152,4 @@ def test_high_memory_ignores_a_partial_last_page(tmp_path):
     dump = tmp_path / "d.iomem"
     dump.write_text("00001000-0009fbff : System RAM\n")
     m = load_machine(iomem_file=str(dump))
-    assert m.high_memory_end == 0x9EFFF  # max_pfn = 0x9f
+    assert m.hotplug.high_memory_end == 0x9EFFF  # max_pfn = 0x9f

@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from conftest import SHARED, as_nobody, memfs
+from conftest import QEMU_Q35_2G, as_nobody, memfs
 
-BOOT_ONLY = str(SHARED / "examples" / "machines" / "qemu-q35-2G.iomem")  # no hot-added memory
+BOOT_ONLY = str(QEMU_Q35_2G)  # no hot-added memory
 PAGE = 4096
 
 

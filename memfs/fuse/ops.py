@@ -1,8 +1,8 @@
-"""The FUSE adapter: files of the mount mapped onto the model, errors onto errnos.
+"""The FUSE adapter: pyfuse3 requests routed to the nodes of the mount, errors to errnos.
 
-Nothing here decides what the kernel would allow; it asks the machine. What
-lives here is FUSE plumbing: inodes, per-open snapshots, which FUSE mode an
-open of dev/mem gets, and revoking cached pages and mappings after a change.
+What lives here is FUSE plumbing only: inodes, open-file handles, which
+FUSE mode an open gets, and revoking cached pages and live mappings of
+dev/mem when the model says memory changed.
 """
 from __future__ import annotations
 
@@ -11,56 +11,30 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ..audit import Opener
-from ..control import Control, ControlError
-from ..kernel.iomem import render
-from ..machine import AccessError, Machine
-from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
+from ..machine import Machine
+from . import layout
+from .nodes import DevMemHandle, Dir, Handle, Node
 
 log = logging.getLogger("memfs.fuse")
 
-DIR = stat.S_IFDIR
-REG = stat.S_IFREG
-SYSFS_SIZE = 4096  # sysfs reports a page; procfs reports 0
-MEM_PATH = ("dev", "mem")
+P = ParamSpec("P")
+R = TypeVar("R")
+Path = tuple[str, ...]
+MEM_PATH: Path = ("dev", "mem")
 
 
-@dataclass
-class Node:
-    """A file or directory of the mount.
-
-    `render(opener)` gives a text file's content, snapshotted at open as seq_file
-    readers get it; `write(opener, text)` takes one command per write(2) and
-    raises ControlError to fail it.
-    """
-
-    mode: int
-    size: int = 0
-    render: Callable[[Opener], str] | None = None
-    write: Callable[[Opener, str], object] | None = None
-
-
-@dataclass
-class OpenFile:
-    path: tuple[str, ...]
-    node: Node
-    opener: Opener
-    mapped: bool = False
-    snapshot: bytes = b""
-    stale: bool = False  # a write happened: the next read from offset 0 renders afresh
-
-
-def _guard(handler):
+def _guard(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """A handler bug becomes EIO in the caller and a log line, never a dead daemon."""
 
     @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -73,103 +47,75 @@ def _guard(handler):
 
 
 class MemfsOps(pyfuse3.Operations):
+    """pyfuse3 operations over the nodes of `layout.build(machine)`."""
+
     def __init__(self, machine: Machine) -> None:
         super().__init__()
         self.machine = machine
-        self.control = Control(machine)
-        self._ino: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
-        self._path: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
-        self._files: dict[int, OpenFile] = {}
+        self.root = layout.build(machine, layout.DevMemFile(machine, self._devmem_handle))
+        self._ino: dict[Path, int] = {(): pyfuse3.ROOT_INODE}
+        self._path: dict[int, Path] = {pyfuse3.ROOT_INODE: ()}
+        self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._revoke_pending = False
         self._page_cache_opens = 0
-        machine.on_change.append(self._content_changed)
+        machine.changed.connect(self._memory_changed)
 
-    # -- the namespace -------------------------------------------------------
+    # -- the namespace ------------------------------------------------------
 
-    def _entries(self, path: tuple[str, ...]) -> dict[str, Node] | None:
-        """Children of a directory, or None if `path` is not a directory."""
-        m = self.machine
-        if path == ():
-            return {"dev": Node(DIR | 0o755), "proc": Node(DIR | 0o555), "sys": Node(DIR | 0o555),
-                    "control": Node(REG | 0o600, 0, self.control.last_result, self.control.execute),
-                    "memory-devices": Node(REG | 0o444, 0, lambda _: self.control.memory_devices()),
-                    "audit": Node(REG | 0o400, 0, lambda _: self.control.audit())}
-        if path == ("dev",):
-            return {"mem": Node(REG | 0o600, m.size)}
-        if path == ("proc",):
-            return {"iomem": Node(REG | 0o444, 0, self._iomem)}
-        if path == ("sys",):
-            return {"devices": Node(DIR | 0o555)}
-        if path == ("sys", "devices"):
-            return {"system": Node(DIR | 0o555)}
-        if path == ("sys", "devices", "system"):
-            return {"memory": Node(DIR | 0o555)}
-        if path[:4] == ("sys", "devices", "system", "memory"):
-            return self._sysfs(path[4:])
-        return None
+    def _node(self, path: Path) -> Node:
+        node: Node = self.root
+        for name in path:
+            child = node.find(name) if isinstance(node, Dir) else None
+            if child is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = child
+        return node
 
-    def _sysfs(self, rest: tuple[str, ...]) -> dict[str, Node] | None:
-        files = self.control.sysfs_files(rest)
-        if files is None:
-            return None
-        return {name: (Node(DIR | 0o755) if spec is None else
-                       Node(REG | (0o644 if spec[1] else 0o444), SYSFS_SIZE, spec[0], spec[1]))
-                for name, spec in files.items()}
-
-    def _iomem(self, opener: Opener) -> str:
-        return render(self.machine.tree, has_capability(opener.pid, opener.uid, CAP_SYS_ADMIN))
-
-    def _node(self, path: tuple[str, ...]) -> Node:
-        if path == ():
-            return Node(DIR | 0o755)
-        siblings = self._entries(path[:-1])
-        if siblings is None or path[-1] not in siblings:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return siblings[path[-1]]
-
-    def _inode(self, path: tuple[str, ...]) -> int:
+    def _inode(self, path: Path) -> pyfuse3.InodeT:
         ino = self._ino.get(path)
         if ino is None:
             ino = self._ino[path] = len(self._ino) + pyfuse3.ROOT_INODE
             self._path[ino] = path
-        return ino
+        return pyfuse3.InodeT(ino)
 
-    def _lookup_path(self, inode: int) -> tuple[str, ...]:
+    def _lookup_path(self, inode: int) -> Path:
         try:
             return self._path[inode]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    def _attr(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
+    def _attr(self, path: Path, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._inode(path)
-        a.st_mode = node.mode
+        a.st_mode = pyfuse3.ModeT(node.mode)
         a.st_nlink = 2 if stat.S_ISDIR(node.mode) else 1
         a.st_size = node.size
         a.st_uid = a.st_gid = 0
         a.st_blksize = 4096
         a.st_blocks = 0
-        # dev/mem never changes shape; everything else (memoryN come and go) is asked afresh.
-        a.attr_timeout = a.entry_timeout = 3600 if path == MEM_PATH else 0
+        # Only nodes that never change are cached; memoryN come and go and are asked afresh.
+        a.attr_timeout = a.entry_timeout = 3600 if node.cache_attrs else 0
         return a
 
-    # -- metadata --------------------------------------------------------------
+    # -- metadata -------------------------------------------------------------
 
     @_guard
-    async def lookup(self, parent_inode, name, ctx=None):
-        path = self._lookup_path(parent_inode) + (os.fsdecode(name),)
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if name in (b".", b".."):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        path = self._lookup_path(parent_inode) + (os.fsdecode(name),)
         return self._attr(path, self._node(path))
 
     @_guard
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._lookup_path(inode)
         return self._attr(path, self._node(path))
 
     @_guard
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: pyfuse3.FileHandleT | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # O_TRUNC on dev/mem or a command file changes nothing, as on a device or procfs.
         path = self._lookup_path(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -177,108 +123,80 @@ class MemfsOps(pyfuse3.Operations):
         return self._attr(path, self._node(path))
 
     @_guard
-    async def opendir(self, inode, ctx):
-        path = self._lookup_path(inode)
-        if self._entries(path) is None:
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        if not isinstance(self._node(self._lookup_path(inode)), Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        return pyfuse3.FileHandleT(inode)
 
     @_guard
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         path = self._path[fh]
-        entries = sorted((self._entries(path) or {}).items())
-        for i, (name, node) in enumerate(entries[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path + (name,), node), i):
+        node = self._node(path)
+        assert isinstance(node, Dir)
+        for i, (name, child) in enumerate(node.entries()):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path + (name,), child), i + 1):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_namemax = 255
         return s
 
-    # -- files -----------------------------------------------------------------
+    # -- files ----------------------------------------------------------------
 
     @_guard
-    async def open(self, inode, flags, ctx):
-        path = self._lookup_path(inode)
-        node = self._node(path)
-        if stat.S_ISDIR(node.mode):
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        opener = Opener.from_pid(ctx.pid, ctx.uid)
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if writing and node.write is None and path != MEM_PATH:
-            raise pyfuse3.FUSEError(errno.EACCES)
-        info = pyfuse3.FileInfo()
-        info.keep_cache = False
-        info.direct_io = True
-        mapped = False
-        if path == MEM_PATH:
-            if not has_capability(ctx.pid, ctx.uid, CAP_SYS_RAWIO):
-                raise pyfuse3.FUSEError(errno.EPERM)  # open_mem(): capable(CAP_SYS_RAWIO)
-            # MAP_SHARED needs the page cache (design.md); O_SYNC opens are the mmap tools'.
-            mapped = bool(flags & os.O_DSYNC)
-            info.direct_io = not mapped
-            self._page_cache_opens += mapped
+    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        handle = self._node(self._lookup_path(inode)).open(Opener.from_pid(ctx.pid, ctx.uid), flags)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = f = OpenFile(path, node, opener, mapped)
-        if node.render is not None:
-            f.snapshot = node.render(opener).encode()
-        info.fh = fh
+        self._handles[fh] = handle
+        info = pyfuse3.FileInfo()
+        info.fh = pyfuse3.FileHandleT(fh)
+        info.keep_cache = False
+        info.direct_io = handle.direct_io
         return info
 
     @_guard
-    async def read(self, fh, off, size):
-        f = self._files[fh]
-        if f.path == MEM_PATH:
-            await self._coherent(f)
-            try:
-                return self.machine.read_mem(off, size, f.opener, f.mapped)
-            except AccessError as e:
-                raise pyfuse3.FUSEError(e.errno) from None
-        if f.stale and off == 0:
-            f.snapshot = f.node.render(f.opener).encode()
-            f.stale = False
-        return f.snapshot[off:off + size]
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        return await self._handles[fh].read(off, size)
 
     @_guard
-    async def write(self, fh, off, buf):
-        f = self._files[fh]
-        if f.path == MEM_PATH:
-            await self._coherent(f)
-            try:
-                written = self.machine.write_mem(off, bytes(buf), f.opener, f.mapped)
-            except AccessError as e:
-                raise pyfuse3.FUSEError(e.errno) from None
-            return written
-        try:
-            text = buf.decode()
-        except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        # Write back dirty mapped pages first: what a process stored before an
-        # unplug must land before the memory is discarded, not be refused after.
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        if isinstance(handle, DevMemHandle):
+            return await handle.write(off, buf)
+        # A command may take memory away: what a process stored through a mapping
+        # must land before that, not be refused after.
         await self._invalidate()
         try:
-            f.node.write(f.opener, text)
-        except ControlError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
+            return await handle.write(off, buf)
         finally:
-            f.stale = True
             if self._revoke_pending:
                 self._revoke_pending = False
                 await self._invalidate()
-        return len(buf)
 
-    async def release(self, fh):
-        f = self._files.pop(fh, None)
-        if f is not None and f.mapped:
-            self._page_cache_opens -= 1
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.release()
 
-    async def _coherent(self, f: OpenFile) -> None:
+    # -- dev/mem and revocation -------------------------------------------------
+
+    def _devmem_handle(self, opener: Opener, mapped: bool) -> DevMemHandle:
+        self._page_cache_opens += mapped
+        return DevMemHandle(self.machine, opener, mapped, self._coherent, self._devmem_released,
+                            self._wrote_back)
+
+    def _devmem_released(self, handle: DevMemHandle) -> None:
+        self._page_cache_opens -= handle.mapped
+
+    async def _coherent(self, handle: DevMemHandle) -> None:
         """Make a plain read/write see (and be seen by) live mappings, as /dev/mem's do.
 
         Stores through a MAP_SHARED mapping sit in dirty page-cache pages; a
@@ -286,12 +204,15 @@ class MemfsOps(pyfuse3.Operations):
         cached pages. While any page-cache open exists, write them back and drop
         them first.
         """
-        if not f.mapped and self._page_cache_opens:
+        if not handle.mapped and self._page_cache_opens:
             await self._invalidate()
 
-    # -- revocation --------------------------------------------------------------
+    def _wrote_back(self, start: int, size: int) -> None:
+        """A write-back reached memory; where the bus dropped it, the cached page must go."""
+        if self.machine.bus.drops_writes(start, size):
+            self._revoke_pending = True
 
-    def _content_changed(self, start: int, size: int) -> None:
+    def _memory_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True
 
     async def _invalidate(self) -> None:
@@ -309,3 +230,4 @@ class MemfsOps(pyfuse3.Operations):
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel holds no such inode, nothing cached
                 raise
+

@@ -1,36 +1,30 @@
 """Linux memory blocks and memory hotplug (spec sections 2.8, 2.9, 6.1).
 
-Mirrors mm/memory_hotplug.c (add_memory_driver_managed, remove_memory,
-offline_and_remove_memory), drivers/base/memory.c (memory block devices,
-their sysfs files, memory notifiers) and the x86-64 parts of
-arch/x86/mm/init_64.c (memory block size, max_pfn). Pure model: no page
-allocator, so onlining and offlining only fail when a memory notifier vetoes
-them or a block spans several zones.
+Mirrors mm/memory_hotplug.c (add/remove memory), drivers/base/memory.c (memory
+block devices, their sysfs files, notifiers) and arch/x86/mm/init_64.c (memory block
+size, max_pfn). The page allocator's only trace is unmovable memory (alloc_unmovable):
+offlining fails only on it, on a notifier veto or on a block spanning several zones.
 """
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+import heapq
+from contextlib import suppress
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from .ioport import (
-    IORESOURCE_BUSY,
-    IORESOURCE_SYSRAM_DRIVER_MANAGED,
-    IORESOURCE_SYSTEM_RAM,
-)
-from .ioport import Resource
+from ..changes import MemoryChanged
+from .ioport import IORESOURCE_BUSY, IORESOURCE_SYSRAM_DRIVER_MANAGED, IORESOURCE_SYSTEM_RAM, Resource
 from .resource import ResourceConflict, ResourceTree
+from .sizes import PAGE_MASK, PAGE_SIZE, SZ_1G, SZ_1M
 
-MiB = 1 << 20
-GiB = 1 << 30
-MIN_MEMORY_BLOCK_SIZE = 128 * MiB   # x86-64: 1 << SECTION_SIZE_BITS
-MAX_BLOCK_SIZE = 2 * GiB
-MEM_SIZE_FOR_LARGE_BLOCK = 64 * GiB
-
+MIN_MEMORY_BLOCK_SIZE = 128 * SZ_1M   # x86-64: 1 << SECTION_SIZE_BITS
+MAX_BLOCK_SIZE = 2 * SZ_1G
+MEM_SIZE_FOR_LARGE_BLOCK = 64 * SZ_1G
 # x86-64 zone spans; ZONE_MOVABLE has no fixed span and is chosen at onlining.
-_ZONE_SPANS = (("DMA", 0, 16 * MiB), ("DMA32", 16 * MiB, 4 * GiB), ("Normal", 4 * GiB, 1 << 64))
+_ZONE_SPANS = (("DMA", 0, 16 * SZ_1M), ("DMA32", 16 * SZ_1M, 4 * SZ_1G), ("Normal", 4 * SZ_1G, 1 << 64))
 ZONE_MOVABLE = "Movable"
-
 # include/linux/memory.h notifier actions.
 MEM_ONLINE = 1 << 0
 MEM_GOING_OFFLINE = 1 << 1
@@ -42,30 +36,23 @@ ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
 
 
 class HotplugError(OSError):
-    """An operation the kernel fails with -errno; `.errno` is that errno (positive)."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(err, message)
+    """An operation the kernel fails with -errno: HotplugError(errno, message), `.errno` positive."""
+    errno: int
 
 
 def boot_ram(tree: ResourceTree) -> list[Resource]:
     """The e820 RAM the kernel booted with: busy top-level System RAM not added by a driver."""
     want = IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY
-    return [r for r in tree.root.children
-            if r.flags & want == want and not r.flags & IORESOURCE_SYSRAM_DRIVER_MANAGED]
+    return [r for r in tree.root.children if r.flags & want == want and not r.flags & IORESOURCE_SYSRAM_DRIVER_MANAGED]
 
 
 def max_pfn_end(tree: ResourceTree) -> int:
     """e820__end_of_ram_pfn() << PAGE_SHIFT: a partial last page of RAM does not count."""
-    return max(((r.end + 1) >> 12 << 12 for r in boot_ram(tree)), default=0)
+    return max(((r.end + 1) & PAGE_MASK for r in boot_ram(tree)), default=0)
 
 
 def memory_block_size_bytes(boot_end: int, bare_metal: bool = False) -> int:
-    """probe_memory_block_size() on x86-64 without set_memory_block_size_order().
-
-    `boot_end` is max_pfn << PAGE_SHIFT: the exclusive end of the highest
-    boot RAM.
-    """
+    """probe_memory_block_size() on x86-64 (no set_memory_block_size_order()); boot_end: max_pfn << PAGE_SHIFT."""
     if boot_end < MEM_SIZE_FOR_LARGE_BLOCK:
         return MIN_MEMORY_BLOCK_SIZE
     if bare_metal:
@@ -81,19 +68,24 @@ def _zones_of(start: int, end: int) -> list[str]:
     return [name for name, lo, hi in _ZONE_SPANS if start < hi and end >= lo]
 
 
-def _sysfs_word(text: str) -> str:
-    """sysfs_streq() ignores one trailing newline."""
-    return text[:-1] if text.endswith("\n") else text
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of inclusive ranges as disjoint ranges, ascending; touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
 
 
 def kstrtobool(text: str) -> bool:
     """kstrtobool(): y/Y/t/T/1, n/N/f/F/0, on/off; anything else is -EINVAL."""
-    if text[:1] in ("y", "Y", "t", "T", "1"):
+    first, second = text[:1].lower(), text[1:2].lower()
+    if first in ("y", "t", "1") or (first, second) == ("o", "n"):
         return True
-    if text[:1] in ("n", "N", "f", "F", "0"):
+    if first in ("n", "f", "0") or (first, second) == ("o", "f"):
         return False
-    if text[:1] in ("o", "O") and text[1:2] in ("n", "N", "f", "F"):
-        return text[1:2] in ("n", "N")
     raise HotplugError(errno.EINVAL, f"invalid boolean {text!r}")
 
 
@@ -101,11 +93,11 @@ def kstrtobool(text: str) -> bool:
 class MemoryBlock:
     """`struct memory_block`: one /sys/devices/system/memory/memoryN device.
 
-    `zone` is the zone an online block belongs to, None while offline or
-    when the block spans several zones (memory0 on x86; such a block cannot
-    be offlined). `kernel_zone` is the zone MMOP_ONLINE / MMOP_ONLINE_KERNEL
-    would pick: default_kernel_zone_for_pfn(), the first kernel zone the
-    block intersects.
+    `zone`: the zone of an online block, None while offline or when it
+    spans several zones (memory0 on x86; it cannot be offlined).
+    `kernel_zone`: what MMOP_ONLINE[_KERNEL] picks (default_kernel_zone_for_pfn(),
+    the first kernel zone it intersects). `unmovable_size`: bytes of
+    unmovable kernel allocations at its start (alloc_unmovable).
     """
 
     id: int
@@ -115,6 +107,7 @@ class MemoryBlock:
     zone: str | None = None
     nid: int = 0
     boot: bool = False
+    unmovable_size: int = 0
 
     @property
     def end(self) -> int:
@@ -128,77 +121,122 @@ class MemoryBlock:
     def online(self) -> bool:
         return self.state == "online"
 
-    def phys_index_show(self) -> str:
-        return f"{self.id:08x}\n"
-
-    def state_show(self) -> str:
-        return f"{self.state}\n"
-
-    def online_show(self) -> str:
-        return "1\n" if self.online else "0\n"
-
-    def valid_zones_show(self) -> str:
-        """valid_zones_show(): the zone (or none) if online, else default zone first."""
-        if self.online:
-            return f"{self.zone or 'none'}\n"
-        return f"{self.kernel_zone} {ZONE_MOVABLE}\n"
-
-    def removable_show(self) -> str:
-        return "1\n"   # CONFIG_MEMORY_HOTREMOVE=y
-
-    def phys_device_show(self) -> str:
-        return "0\n"
+    def unmovable_reason(self) -> str:
+        """Why the unmovable memory cannot go: says which block and zone."""
+        return f"unmovable pages in memory{self.id}, ZONE_{(self.zone or '').upper()}"
 
     def show(self, attr: str) -> str:
-        """The text of the sysfs file `attr` (one of MEMORY_BLOCK_ATTRS)."""
-        if attr not in MEMORY_BLOCK_ATTRS:
-            raise KeyError(attr)
-        return getattr(self, f"{attr}_show")()
+        """The text of sysfs file memoryN/`attr`: <attr>_show(); KeyError unless in MEMORY_BLOCK_ATTRS."""
+        return {
+            "phys_index": f"{self.id:08x}",
+            "state": self.state,
+            "online": "1" if self.online else "0",
+            # The zone (or none) if online, else the default zone first.
+            "valid_zones": (self.zone or "none") if self.online else f"{self.kernel_zone} {ZONE_MOVABLE}",
+            "removable": "1",     # CONFIG_MEMORY_HOTREMOVE=y
+            "phys_device": "0",
+        }[attr] + "\n"
 
 
 MEMORY_BLOCK_ATTRS = ("phys_index", "state", "online", "valid_zones", "removable", "phys_device")
-
 MemoryNotifier = Callable[[int, MemoryBlock], None]
+
+
+class MemoryBlocks(Mapping[int, MemoryBlock]):
+    """drivers/base/memory.c's `memory_blocks` xarray: mb_id -> MemoryBlock, ascending.
+
+    Boot blocks are id ranges, built on lookup; only blocks that differ from their boot
+    default, were hot-added or removed are stored: the cost grows with resources and
+    changes, not with the address space. Change blocks through MemoryHotplug (`record`).
+    """
+
+    def __init__(self, ram: Iterable[Resource], block_size: int) -> None:
+        self.block_size = block_size
+        self._ram = _merged((r.start, r.end) for r in ram)
+        self._boot = _merged((start // block_size, end // block_size) for start, end in self._ram)
+        self._stored: dict[int, MemoryBlock] = {}
+        self._hot: list[int] = []          # stored ids outside the boot ranges, ascending
+        self._removed: set[int] = set()    # boot ids whose block went away
+
+    def _is_boot(self, mb_id: int) -> bool:
+        i = bisect_right(self._boot, mb_id, key=lambda run: run[0]) - 1
+        return i >= 0 and mb_id <= self._boot[i][1]
+
+    def _boot_zone(self, mb_id: int) -> str | None:
+        """The zone of a boot block: the one its RAM lies in, None if several."""
+        start, end = mb_id * self.block_size, (mb_id + 1) * self.block_size - 1
+        zones: set[str] = set()
+        i = bisect_right(self._ram, end, key=lambda ram: ram[0]) - 1
+        while i >= 0 and self._ram[i][1] >= start:
+            zones.update(_zones_of(max(start, self._ram[i][0]), min(end, self._ram[i][1])))
+            i -= 1
+        return zones.pop() if len(zones) == 1 else None
+
+    def __contains__(self, mb_id: object) -> bool:
+        return isinstance(mb_id, int) and (mb_id in self._stored or
+                                           (mb_id not in self._removed and self._is_boot(mb_id)))
+
+    def __getitem__(self, mb_id: int) -> MemoryBlock:
+        block = self._stored.get(mb_id)
+        if block is not None:
+            return block
+        if mb_id in self._removed or not self._is_boot(mb_id):
+            raise KeyError(mb_id)
+        return MemoryBlock(mb_id, mb_id * self.block_size, self.block_size, "online", self._boot_zone(mb_id),
+                           boot=True)
+
+    def __len__(self) -> int:
+        return sum(last - first + 1 for first, last in self._boot) - len(self._removed) + len(self._hot)
+
+    def __iter__(self) -> Iterator[int]:
+        return self.ids_from(0)
+
+    def ids_from(self, start: int) -> Iterator[int]:
+        """xa_for_each_start(): the ids of existing blocks from `start` on, ascending."""
+        first_run = max(bisect_right(self._boot, start, key=lambda run: run[0]) - 1, 0)
+        boot = (mb_id for first, last in self._boot[first_run:] for mb_id in range(max(first, start), last + 1)
+                if mb_id not in self._removed)
+        return heapq.merge(boot, self._hot[bisect_left(self._hot, start):])
+
+    def record(self, block: MemoryBlock) -> None:
+        """Keep a hot-added block, or a block whose state, zone or unmovable memory changed."""
+        self._removed.discard(block.id)
+        if block.boot and block.online and block.zone == self._boot_zone(block.id) and not block.unmovable_size:
+            self._stored.pop(block.id, None)   # back to its boot default
+            return
+        if block.id not in self._stored and not self._is_boot(block.id):
+            insort(self._hot, block.id)
+        self._stored[block.id] = block
+
+    def remove(self, mb_id: int) -> None:
+        """remove_memory_block_devices() for one existing block."""
+        if self._is_boot(mb_id):
+            self._removed.add(mb_id)
+        elif mb_id in self._stored:
+            self._hot.remove(mb_id)
+        self._stored.pop(mb_id, None)
 
 
 class MemoryHotplug:
     """Memory blocks and hot(un)plug of one machine, acting on its iomem tree.
 
-    Boot memory blocks are created for every block that holds busy top-level
-    System RAM (not driver-managed); blocks over holes do not exist.
-    `high_memory_end` is the inclusive last byte of max_pfn: raised by
-    add_memory (update_end_of_memory_vars), never lowered.
-
-    Hook: `register_memory_notifier(fn)` gets fn(action, block) around every
-    online/offline (raising HotplugError on MEM_GOING_* vetoes it, like a
-    NOTIFY_BAD).
+    Boot blocks hold boot RAM (boot_ram); holes have none. `high_memory_end`: the last
+    byte of max_pfn, raised by add_memory (update_end_of_memory_vars), never lowered.
+    `changed(start, size)` follows every add and remove. Memory notifiers get
+    fn(action, block) around every online/offline; HotplugError on MEM_GOING_* vetoes.
     """
 
-    def __init__(self, tree: ResourceTree, block_size: int, auto_online_blocks: str = "online") -> None:
-        if block_size <= 0 or block_size & (block_size - 1) or block_size % 4096:
+    def __init__(self, tree: ResourceTree, block_size: int, auto_online_blocks: str = "online",
+                 changed: MemoryChanged | None = None) -> None:
+        if block_size <= 0 or block_size & (block_size - 1) or block_size % PAGE_SIZE:
             raise ValueError(f"memory block size {block_size:#x} is not a power of two multiple of 4 KiB")
         self.tree = tree
         self.block_size = block_size
         self.set_auto_online_blocks(auto_online_blocks)
-        self.blocks: dict[int, MemoryBlock] = {}
+        self.blocks = MemoryBlocks(boot_ram(tree), block_size)
+        self.changed = changed if changed is not None else MemoryChanged()
         self._notifiers: list[MemoryNotifier] = []
-        self.high_memory_end = -1
-        self._create_boot_blocks()
-
-    def _create_boot_blocks(self) -> None:
-        zones: dict[int, set[str]] = {}
-        self.high_memory_end = max_pfn_end(self.tree) - 1
-        for ram in boot_ram(self.tree):
-            for mb_id in range(ram.start // self.block_size, ram.end // self.block_size + 1):
-                lo = max(ram.start, mb_id * self.block_size)
-                hi = min(ram.end, (mb_id + 1) * self.block_size - 1)
-                zones.setdefault(mb_id, set()).update(_zones_of(lo, hi))
-        for mb_id in sorted(zones):
-            zone = next(iter(zones[mb_id])) if len(zones[mb_id]) == 1 else None
-            self.blocks[mb_id] = MemoryBlock(mb_id, mb_id * self.block_size, self.block_size,
-                                             "online", zone, boot=True)
-
-    # -- hooks and global sysfs files ---------------------------------------
+        self.high_memory_end = max_pfn_end(tree) - 1
 
     def register_memory_notifier(self, fn: MemoryNotifier) -> None:
         """register_memory_notifier()"""
@@ -206,7 +244,7 @@ class MemoryHotplug:
 
     def set_auto_online_blocks(self, word: str) -> None:
         """auto_online_blocks_store(): one of ONLINE_TYPES, else -EINVAL."""
-        word = _sysfs_word(word)
+        word = word.removesuffix("\n")   # as sysfs_streq()
         if word not in ONLINE_TYPES:
             raise HotplugError(errno.EINVAL, f"auto_online_blocks: invalid value {word!r}")
         self.auto_online_blocks = word
@@ -218,6 +256,7 @@ class MemoryHotplug:
         return f"{self.block_size:x}\n"
 
     def block(self, mb_id: int) -> MemoryBlock:
+        """find_memory_block_by_id(): -ENOENT if memoryN does not exist."""
         try:
             return self.blocks[mb_id]
         except KeyError:
@@ -225,11 +264,22 @@ class MemoryHotplug:
 
     def blocks_in(self, start: int, size: int) -> Iterator[MemoryBlock]:
         """walk_memory_blocks(): existing blocks of [start, start+size), ascending."""
-        for mb_id in range(start // self.block_size, (start + size - 1) // self.block_size + 1):
-            if mb_id in self.blocks:
-                yield self.blocks[mb_id]
+        last = (start + size - 1) // self.block_size
+        for mb_id in self.blocks.ids_from(start // self.block_size):
+            if mb_id > last:
+                return
+            yield self.blocks[mb_id]
 
-    # -- onlining / offlining (memory_block_online / memory_block_offline) --
+    def alloc_unmovable(self, mb_id: int, size: int) -> None:
+        """Unmovable kernel allocations fill the first `size` bytes of memoryN (the caller's placement)."""
+        block = self.block(mb_id)
+        block.unmovable_size = size
+        self.blocks.record(block)
+
+    def has_unmovable_pages(self, start: int, size: int) -> MemoryBlock | None:
+        """has_unmovable_pages(): the first block with unmovable memory in [start, start+size), or None."""
+        return next((b for b in self.blocks_in(start, size) if b.unmovable_size and start < b.start + b.unmovable_size),
+                    None)
 
     def _notify(self, action: int, block: MemoryBlock) -> None:
         for fn in self._notifiers:
@@ -243,41 +293,33 @@ class MemoryHotplug:
             block.zone = None
             raise
         block.state = "online"
+        self.blocks.record(block)
         self._notify(MEM_ONLINE, block)
 
     def _offline(self, block: MemoryBlock) -> None:
+        """offline_pages(): isolating the range fails (-EBUSY) on unmovable memory, before any notifier."""
         if block.zone is None:
             raise HotplugError(errno.EINVAL, f"memory{block.id} spans several zones")
+        if block.unmovable_size:
+            raise HotplugError(errno.EBUSY, block.unmovable_reason())
         self._notify(MEM_GOING_OFFLINE, block)
         block.state = "offline"
         block.zone = None
+        self.blocks.record(block)
         self._notify(MEM_OFFLINE, block)
 
-    def online_block(self, mb_id: int, online_type: str = "online") -> None:
-        """Write `online_type` to memoryN/state: -EINVAL if already online."""
-        if online_type not in ONLINE_TYPES[1:]:
-            raise HotplugError(errno.EINVAL, f"invalid online type {online_type!r}")
-        block = self.block(mb_id)
-        if block.online:
-            raise HotplugError(errno.EINVAL, f"memory{mb_id} is already online")
-        self._online(block, online_type)
-
-    def offline_block(self, mb_id: int) -> None:
-        """Write `offline` to memoryN/state: -EINVAL if already offline."""
-        block = self.block(mb_id)
-        if not block.online:
-            raise HotplugError(errno.EINVAL, f"memory{mb_id} is already offline")
-        self._offline(block)
-
     def store_state(self, mb_id: int, text: str) -> None:
-        """state_store(): offline | online | online_kernel | online_movable."""
-        word = _sysfs_word(text)
+        """state_store(): offline | online | online_kernel | online_movable; -EINVAL for the current state."""
+        word = text.removesuffix("\n")
         if word not in ONLINE_TYPES:
             raise HotplugError(errno.EINVAL, f"memory{mb_id}/state: invalid value {word!r}")
+        block = self.block(mb_id)
+        if block.online == (word != "offline"):
+            raise HotplugError(errno.EINVAL, f"memory{mb_id} is already {block.state}")
         if word == "offline":
-            self.offline_block(mb_id)
+            self._offline(block)
         else:
-            self.online_block(mb_id, word)
+            self._online(block, word)
 
     def store_online(self, mb_id: int, text: str) -> None:
         """online_store(): kstrtobool; writing the current state succeeds."""
@@ -288,9 +330,7 @@ class MemoryHotplug:
         elif not want and block.online:
             self._offline(block)
 
-    # -- add / remove ------------------------------------------------------
-
-    def _check_range(self, start: int, size: int) -> None:
+    def _check_hotplug_memory_range(self, start: int, size: int) -> None:
         """check_hotplug_memory_range(): block-aligned and non-empty, else -EINVAL."""
         if size <= 0 or start % self.block_size or size % self.block_size:
             raise HotplugError(errno.EINVAL, f"range {start:#x}+{size:#x} is not aligned to memory blocks "
@@ -298,16 +338,16 @@ class MemoryHotplug:
 
     def add_memory_driver_managed(self, start: int, size: int, resource_name: str, name_id: object,
                                   merge: bool = True, nid: int = 0) -> None:
-        """add_memory_driver_managed() with MHP_MERGE_RESOURCE when `merge`.
+        """add_memory_driver_managed() with MHP_MERGE_RESOURCE when `merge`; then signals `changed`.
 
-        `name_id` stands for the kernel's name pointer: resources merge only
-        with neighbours carrying the same token.
+        `name_id` stands for the kernel's name pointer (resources merge only with the same token).
+        Raises HotplugError (EINVAL, EEXIST) having changed nothing.
         """
         if not (resource_name.startswith("System RAM (") and resource_name.endswith(")")):
             raise HotplugError(errno.EINVAL, f"resource name {resource_name!r} is not 'System RAM (...)'")
-        self._check_range(start, size)
+        self._check_hotplug_memory_range(start, size)
         ids = range(start // self.block_size, (start + size) // self.block_size)
-        if any(mb_id in self.blocks for mb_id in ids):
+        if next(self.blocks_in(start, size), None) is not None:
             raise HotplugError(errno.EEXIST, f"memory blocks of {start:#x}+{size:#x} already exist")
         try:
             res = self.tree.request_region(start, size, resource_name,
@@ -319,18 +359,17 @@ class MemoryHotplug:
             self.tree.merge_system_ram_resource(res)
         self.high_memory_end = max(self.high_memory_end, start + size - 1)
         for mb_id in ids:
-            self.blocks[mb_id] = MemoryBlock(mb_id, mb_id * self.block_size, self.block_size, nid=nid)
+            self.blocks.record(MemoryBlock(mb_id, mb_id * self.block_size, self.block_size, nid=nid))
         if self.auto_online_blocks != "offline":
             # add_memory_resource() ignores onlining errors: the rest stays offline.
-            try:
+            with suppress(HotplugError):
                 for mb_id in ids:
                     self._online(self.blocks[mb_id], self.auto_online_blocks)
-            except HotplugError:
-                pass
+        self.changed(start, size)
 
     def remove_memory(self, start: int, size: int) -> None:
-        """remove_memory(): every block must be offline (-EBUSY), then it goes away."""
-        self._check_range(start, size)
+        """remove_memory(): every block must be offline (-EBUSY), then it goes away; signals `changed`."""
+        self._check_hotplug_memory_range(start, size)
         online = [b.id for b in self.blocks_in(start, size) if b.online]
         if online:
             raise HotplugError(errno.EBUSY, f"memory blocks {online} are still online")
@@ -339,11 +378,12 @@ class MemoryHotplug:
         except ResourceConflict:
             pass   # the kernel finds nothing to adjust and leaves the tree alone
         for block in list(self.blocks_in(start, size)):
-            del self.blocks[block.id]
+            self.blocks.remove(block.id)
+        self.changed(start, size)
 
     def offline_and_remove_memory(self, start: int, size: int) -> None:
         """offline_and_remove_memory(): offline every block, remove; re-online on failure."""
-        self._check_range(start, size)
+        self._check_hotplug_memory_range(start, size)
         offlined: list[tuple[MemoryBlock, str]] = []
         try:
             for block in list(self.blocks_in(start, size)):
@@ -355,8 +395,6 @@ class MemoryHotplug:
             self.remove_memory(start, size)
         except HotplugError:
             for block, kind in offlined:
-                try:
+                with suppress(HotplugError):   # try_reonline_memory_block() ignores failures too
                     self._online(block, kind)
-                except HotplugError:
-                    pass   # try_reonline_memory_block() ignores failures too
             raise

@@ -23,10 +23,10 @@ from .ioport import (
     IORESOURCE_TYPE_BITS,
     Resource,
 )
+from .resindex import index as _index
+from .sizes import PAGE_MASK, PAGE_SIZE
 
 MAX_IORES_LEVEL = 5
-PAGE_SIZE = 4096
-PAGE_MASK = ~(PAGE_SIZE - 1)
 
 REGION_INTERSECTS = 0
 REGION_DISJOINT = 1
@@ -39,43 +39,6 @@ class ResourceConflict(Exception):
     def __init__(self, message: str, err: int = errno.EBUSY) -> None:
         super().__init__(message)
         self.errno = err
-
-
-class _Index:
-    """Children sorted by start, with prefix maxima of their ends.
-
-    Scanning left from the last child starting at or before `end` may stop
-    as soon as the running maximum falls below `start`: no earlier child can
-    reach the query. For the kernel's own (non-overlapping) lists this visits
-    exactly the overlapping children.
-    """
-
-    __slots__ = ("order", "starts", "maxend")
-
-    def __init__(self, children: list[Resource]) -> None:
-        self.order = sorted(children, key=lambda r: r.start)
-        self.starts = [r.start for r in self.order]
-        self.maxend = []
-        top = -1
-        for r in self.order:
-            top = max(top, r.end)
-            self.maxend.append(top)
-
-    def overlapping(self, start: int, end: int) -> list[Resource]:
-        i = bisect.bisect_right(self.starts, end) - 1
-        hits = []
-        while i >= 0 and self.maxend[i] >= start:
-            if self.order[i].end >= start:
-                hits.append(self.order[i])
-            i -= 1
-        hits.reverse()
-        return hits
-
-
-def _index(node: Resource) -> _Index:
-    if node._ix is None:
-        node._ix = _Index(node.children)
-    return node._ix  # type: ignore[return-value]
 
 
 def _type_match(r: Resource, flags: int, desc: int) -> bool:
@@ -240,37 +203,38 @@ class ResourceTree:
                 continue
             raise ResourceConflict(_conflict_text("__request_region", res, conflict, parent))
 
+    def _busy_holder(self, start: int, end: int, mem_only: bool = False) -> Resource | None:
+        """The descent of __release_region() and release_mem_region_adjustable().
+
+        Goes down through non-busy resources that contain [start, end] and
+        returns the first busy one, or None (also when `mem_only` and a
+        non-MEM resource is met first).
+        """
+        node = self.root
+        while True:
+            r = next((c for c in _index(node).overlapping(start, end) if c.start <= start and c.end >= end), None)
+            if r is None or (mem_only and not r.flags & IORESOURCE_MEM):
+                return None
+            if r.flags & IORESOURCE_BUSY:
+                return r
+            node = r
+
     def release_region(self, start: int, n: int) -> None:
         """__release_region(): free the busy region that is exactly [start, start+n-1]."""
         end = start + n - 1
-        node = self.root
-        while True:
-            hits = [c for c in _index(node).overlapping(start, end) if c.start <= start and c.end >= end]
-            if not hits:
-                break
-            r = hits[0]
-            if not r.flags & IORESOURCE_BUSY:
-                node = r
-                continue
-            if r.start != start or r.end != end:
-                break
-            self.release_resource(r)
-            return
-        raise ResourceConflict(f"Trying to free nonexistent resource <{start:#018x}-{end:#018x}>", errno.EINVAL)
+        r = self._busy_holder(start, end)
+        if r is None or r.start != start or r.end != end:
+            raise ResourceConflict(f"Trying to free nonexistent resource <{start:#018x}-{end:#018x}>",
+                                   errno.EINVAL)
+        self.release_resource(r)
 
     def release_mem_region_adjustable(self, start: int, size: int) -> None:
         """release_mem_region_adjustable(): cut [start, +size) out of the busy RAM resource holding it."""
         end = start + size - 1
-        node = self.root
-        while True:
-            hits = [c for c in _index(node).overlapping(start, end) if c.start <= start and c.end >= end]
-            if not hits or not hits[0].flags & IORESOURCE_MEM:
-                raise ResourceConflict(f"release_mem_region_adjustable: nothing holds [{start:#x}-{end:#x}]",
-                                       errno.EINVAL)
-            res = hits[0]
-            if res.flags & IORESOURCE_BUSY:
-                break
-            node = res
+        res = self._busy_holder(start, end, mem_only=True)
+        if res is None:
+            raise ResourceConflict(f"release_mem_region_adjustable: nothing holds [{start:#x}-{end:#x}]",
+                                   errno.EINVAL)
         if any(c.overlaps(start, end) for c in res.children):
             raise ResourceConflict(f"release_mem_region_adjustable: {res.label()} has children in "
                                    f"[{start:#x}-{end:#x}]")
@@ -355,15 +319,29 @@ class ResourceTree:
             return REGION_DISJOINT
         return REGION_INTERSECTS if other == 0 else REGION_MIXED
 
+    def walk_iomem_res_desc(self, desc: int, flags: int, start: int, end: int) -> Iterator[Resource]:
+        """walk_iomem_res_desc(): resources matching flags/desc overlapping [start, end], as the kernel visits them.
+
+        Each step is find_next_iomem_res(): the first match in pre-order
+        from `start`; the walk goes on after that resource's end, so a match
+        nested in a match (the kernel image in RAM) is not visited again.
+        """
+        while start <= end:
+            r = next((r for r in self.overlapping(start, end) if _type_match(r, flags, desc)), None)
+            if r is None:
+                return
+            yield r
+            start = r.end + 1
+
+    def walk_system_ram_res(self, start: int = 0, end: int = (1 << 64) - 1) -> Iterator[Resource]:
+        """walk_system_ram_res(): busy System RAM overlapping [start, end]."""
+        return self.walk_iomem_res_desc(IORES_DESC_NONE, IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY, start, end)
+
     def page_is_ram(self, pfn: int) -> bool:
-        """page_is_ram(): the first busy System RAM hit (pre-order) covers the whole page."""
+        """page_is_ram(): walk_system_ram_range() finds a range covering the whole page."""
         start = pfn * PAGE_SIZE
         end = start + PAGE_SIZE - 1
-        want = IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY
-        for r in self.overlapping(start, end):
-            if _type_match(r, want, IORES_DESC_NONE):
-                return r.start <= start and r.end >= end
-        return False
+        return any(r.start <= start and r.end >= end for r in self.walk_system_ram_res(start, end))
 
     def iomem_is_exclusive(self, addr: int, *, strict: bool, io_strict: bool,
                            exclusive_system_ram: bool = True) -> Resource | None:

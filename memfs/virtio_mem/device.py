@@ -10,9 +10,9 @@ import errno
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..changes import MemoryChanged
+from ..kernel.sizes import SZ_1M
 from ..physmem import SparseMemory
-
-MiB = 1 << 20
 
 VIRTIO_MEM_REQ_PLUG = 0
 VIRTIO_MEM_REQ_UNPLUG = 1
@@ -28,8 +28,8 @@ VIRTIO_MEM_STATE_PLUGGED = 0
 VIRTIO_MEM_STATE_UNPLUGGED = 1
 VIRTIO_MEM_STATE_MIXED = 2
 
-VIRTIO_MEM_MIN_BLOCK_SIZE = 1 * MiB
-VIRTIO_MEM_USABLE_EXTENT = 256 * MiB   # x86-64 and s390x
+VIRTIO_MEM_MIN_BLOCK_SIZE = SZ_1M
+VIRTIO_MEM_USABLE_EXTENT = 256 * SZ_1M   # x86-64 and s390x
 _U16_MAX = 0xFFFF
 
 
@@ -59,12 +59,13 @@ class VirtioMemDevice:
     `busy` stands for QEMU's virtio_mem_is_busy() (a migration in
     progress) and for discard/prealloc failures: requests that would change
     block states then answer BUSY. `config_listeners` are called with no
-    arguments on every virtio_notify_config().
+    arguments on every virtio_notify_config(); `changed` with the
+    guest-physical (start, size) after blocks were plugged or unplugged.
     """
 
     def __init__(self, id: str, addr: int, region_size: int, block_size: int, memory: SparseMemory,
                  requested_size: int = 0, node: int = 0, unplugged_inaccessible: bool = True,
-                 memdev: str | None = None) -> None:
+                 memdev: str | None = None, changed: MemoryChanged | None = None) -> None:
         if block_size < VIRTIO_MEM_MIN_BLOCK_SIZE:
             raise ValueError(f"'block-size' property has to be at least {VIRTIO_MEM_MIN_BLOCK_SIZE:#x}")
         if block_size & (block_size - 1):
@@ -94,6 +95,7 @@ class VirtioMemDevice:
         self.broken = False
         self.violations = {"read": 0, "write": 0}
         self.config_listeners: list[Callable[[], None]] = []
+        self.changed = changed if changed is not None else MemoryChanged()
         self._bitmap = bytearray(region_size // block_size)
         # realize(): everything starts unplugged and discarded.
         memory.discard(0, region_size)
@@ -156,7 +158,7 @@ class VirtioMemDevice:
     # -- requests ------------------------------------------------------------
 
     def state_change_request(self, gpa: int, nb_blocks: int, plug: bool) -> int:
-        """virtio_mem_state_change_request(): PLUG / UNPLUG in QEMU's order of checks."""
+        """virtio_mem_state_change_request(): PLUG / UNPLUG in QEMU's order of checks; an ACK signals `changed`."""
         size = nb_blocks * self.block_size
         if not self._valid_range(gpa, size):
             return VIRTIO_MEM_RESP_ERROR
@@ -167,16 +169,18 @@ class VirtioMemDevice:
         if not self._set_block_state(gpa, size, plug):
             return VIRTIO_MEM_RESP_BUSY
         self.plugged_size += size if plug else -size
+        self.changed(gpa, size)
         return VIRTIO_MEM_RESP_ACK
 
     def unplug_all_request(self) -> int:
-        """virtio_mem_unplug_all_request(): discard everything, shrink the usable region."""
+        """virtio_mem_unplug_all_request(): discard everything (signalling `changed`), shrink the usable region."""
         if self.plugged_size:
             if self.busy:
                 return VIRTIO_MEM_RESP_BUSY
             self.memory.discard(0, self.region_size)
             self._bitmap[:] = bytes(len(self._bitmap))
             self.plugged_size = 0
+            self.changed(self.addr, self.region_size)
         self._resize_usable_region(self.requested_size, can_shrink=True)
         return VIRTIO_MEM_RESP_ACK
 

@@ -1,0 +1,72 @@
+"""The mount's namespace: which node lives at which path (mirroring the real paths, as LXCFS does)."""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+
+import pyfuse3
+
+from .. import status, sysfs
+from ..audit import Opener
+from ..control import Control
+from ..kernel.iomem import render
+from ..machine import Machine
+from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
+from .nodes import ControlFile, DevMemHandle, Dir, Handle, Node, REG, SysfsAttr, TextFile, fixed_dir
+
+
+class DevMemFile(Node):
+    """MOUNT/dev/mem: mode 0600 root, st_size the top of the physical address space."""
+
+    mode = REG | 0o600
+    cache_attrs = True
+
+    def __init__(self, machine: Machine, handle: Callable[[Opener, bool], DevMemHandle]) -> None:
+        self.size = machine.size
+        self.handle = handle
+
+    def open(self, opener: Opener, flags: int) -> Handle:
+        if not has_capability(opener.pid, CAP_SYS_RAWIO):
+            raise pyfuse3.FUSEError(errno.EPERM)  # open_mem(): capable(CAP_SYS_RAWIO)
+        # MAP_SHARED needs the page cache (libfuse 3.14); O_SYNC opens are the mapping tools'.
+        return self.handle(opener, bool(flags & os.O_DSYNC))
+
+
+def _iomem(machine: Machine) -> Callable[[Opener], str]:
+    return lambda opener: render(machine.tree, has_capability(opener.pid, CAP_SYS_ADMIN))
+
+
+def _attrs(attrs: list[sysfs.Attr]) -> Iterator[tuple[str, Node]]:
+    return ((a.name, SysfsAttr(a.show, a.store)) for a in attrs)
+
+
+def _memory_dir(machine: Machine) -> Dir:
+    def block(mb_id: int) -> Dir:
+        return fixed_dir(dict(_attrs(sysfs.memory_block_attrs(machine, mb_id))))
+
+    def entries() -> Iterator[tuple[str, Node]]:
+        yield from _attrs(sysfs.memory_attrs(machine))
+        for mb_id in sysfs.memory_block_ids(machine):
+            yield f"{sysfs.MEMORY_PREFIX}{mb_id}", block(mb_id)
+
+    def find(name: str) -> Node | None:
+        mb_id = sysfs.memory_block_id(name)
+        if mb_id is not None:
+            return block(mb_id) if mb_id in machine.hotplug.blocks else None
+        return next((node for n, node in _attrs(sysfs.memory_attrs(machine)) if n == name), None)
+
+    return Dir(entries, find)
+
+
+def build(machine: Machine, devmem: DevMemFile) -> Dir:
+    """The root directory of a mount of `machine`."""
+    control = Control(machine)
+    return fixed_dir({
+        "dev": fixed_dir({"mem": devmem}, 0o755),
+        "proc": fixed_dir({"iomem": TextFile(_iomem(machine))}),
+        "sys": fixed_dir({"devices": fixed_dir({"system": fixed_dir({"memory": _memory_dir(machine)})})}),
+        "control": ControlFile(control),
+        "memory-devices": TextFile(lambda _: status.memory_devices(machine)),
+        "audit": TextFile(lambda _: status.audit(machine), 0o400),
+    }, 0o755)

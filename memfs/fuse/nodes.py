@@ -1,0 +1,203 @@
+"""The files of the mount, each a node with its own operations (as mem.c gives each device its
+own file_operations): opening a node gives a handle whose read/write serve that file.
+
+Nothing here decides what the kernel would allow; the handles ask the model
+and translate its answers (AccessError, ControlError, HotplugError) to errnos.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import pyfuse3
+
+from ..audit import Opener
+from ..control import Control, ControlError
+from ..kernel.mem import AccessError
+from ..machine import Machine
+from .creds import CAP_SYS_RAWIO, has_capability
+
+DIR = stat.S_IFDIR
+REG = stat.S_IFREG
+SYSFS_SIZE = 4096  # sysfs reports a page; procfs reports 0
+
+
+class Handle:
+    """An open file. `direct_io` decides whether reads and writes bypass the page cache."""
+
+    direct_io = True
+
+    async def read(self, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def write(self, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    def release(self) -> None:
+        """Called once when the last reference to the open file goes."""
+
+
+class Node:
+    """A file or directory; `size` is what stat shows."""
+
+    mode: int = REG | 0o444
+    size: int = 0
+    cache_attrs = False  # whether the kernel may keep attributes and the entry (never changes)
+
+    def open(self, opener: Opener, flags: int) -> Handle:
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+
+Entries = Callable[[], Iterator[tuple[str, Node]]]
+
+
+class Dir(Node):
+    """A directory: `entries()` lists it in a stable order, `find(name)` looks one name up."""
+
+    def __init__(self, entries: Entries, find: Callable[[str], Node | None] | None = None,
+                 mode: int = 0o555) -> None:
+        self.mode = DIR | mode
+        self.entries = entries
+        self._find = find
+
+    def find(self, name: str) -> Node | None:
+        if self._find is not None:
+            return self._find(name)
+        return next((node for n, node in self.entries() if n == name), None)
+
+
+def fixed_dir(children: dict[str, Node], mode: int = 0o555) -> Dir:
+    """A directory whose entries never change."""
+    return Dir(lambda: iter(children.items()), children.get, mode)
+
+
+class _Snapshot(Handle):
+    """Text rendered at open, as a seq_file reader sees one consistent snapshot."""
+
+    def __init__(self, text: str) -> None:
+        self.data = text.encode()
+
+    async def read(self, off: int, size: int) -> bytes:
+        return self.data[off:off + size]
+
+
+class TextFile(Node):
+    """A read-only text file rendered for each opener."""
+
+    def __init__(self, render: Callable[[Opener], str], mode: int = 0o444, size: int = 0) -> None:
+        self.mode = REG | mode
+        self.size = size
+        self.render = render
+
+    def open(self, opener: Opener, flags: int) -> Handle:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return _Snapshot(self.render(opener))
+
+
+class _ControlHandle(Handle):
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self.result = control.banner()
+
+    async def read(self, off: int, size: int) -> bytes:
+        return self.result.encode()[off:off + size]
+
+    async def write(self, off: int, buf: bytes) -> int:
+        try:
+            self.result = self.control.execute(buf)
+        except ControlError as e:
+            self.result = e.result()
+            raise pyfuse3.FUSEError(e.errno) from None
+        return len(buf)
+
+
+class ControlFile(Node):
+    """MOUNT/control: one command per write; reading shows this opener's last result."""
+
+    mode = REG | 0o600
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def open(self, opener: Opener, flags: int) -> Handle:
+        return _ControlHandle(self.control)
+
+
+class _AttrHandle(_Snapshot):
+    def __init__(self, attr: SysfsAttr, text: str) -> None:
+        super().__init__(text)
+        self.attr = attr
+
+    async def write(self, off: int, buf: bytes) -> int:
+        if self.attr.store is None:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        try:
+            self.attr.store(buf.decode(errors="replace"))
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EINVAL) from None
+        return len(buf)
+
+
+@dataclass
+class SysfsAttr(Node):
+    """A sysfs attribute: show() at open, store() per write (DEVICE_ATTR_RO / _RW)."""
+
+    show: Callable[[], str]
+    store: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.mode = REG | (0o644 if self.store else 0o444)
+        self.size = SYSFS_SIZE
+
+    def open(self, opener: Opener, flags: int) -> Handle:
+        if flags & os.O_ACCMODE != os.O_RDONLY and self.store is None:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return _AttrHandle(self, self.show())
+
+
+@dataclass
+class DevMemHandle(Handle):
+    """An open of dev/mem: plain opens follow read_mem()/write_mem(); page-cache opens
+    (mappable) follow mmap_mem()'s checks for every page they fault in or write back."""
+
+    machine: Machine
+    opener: Opener
+    mapped: bool
+    coherent: Callable[[DevMemHandle], Awaitable[None]]
+    released: Callable[[DevMemHandle], None]
+    wrote_back: Callable[[int, int], None]
+
+    def __post_init__(self) -> None:
+        self.direct_io = not self.mapped
+
+    def _refused(self, op: str, e: AccessError) -> pyfuse3.FUSEError:
+        err = e.errno or errno.EIO
+        self.machine.audit.refuse(self.opener, op, e.start, e.end, errno.errorcode[err], e.rule)
+        return pyfuse3.FUSEError(err)
+
+    async def read(self, off: int, size: int) -> bytes:
+        await self.coherent(self)
+        devmem = self.machine.devmem
+        try:
+            return devmem.load_mapped(off, size) if self.mapped else devmem.read_mem(off, size)
+        except AccessError as e:
+            raise self._refused("map-read" if self.mapped else "read", e) from None
+
+    async def write(self, off: int, buf: bytes) -> int:
+        await self.coherent(self)
+        devmem = self.machine.devmem
+        try:
+            if not self.mapped:
+                return devmem.write_mem(off, buf)
+            devmem.store_mapped(off, buf)
+        except AccessError as e:
+            raise self._refused("map-write" if self.mapped else "write", e) from None
+        self.wrote_back(off, len(buf))
+        return len(buf)
+
+    def release(self) -> None:
+        self.released(self)

@@ -1,0 +1,211 @@
+"""drivers/char/mem.c for /dev/mem (spec 4): the checks, read_mem(), write_mem() and mmap_mem().
+
+Works against a small physical-memory interface (`PhysBus`: load and store
+by physical address, faulting where the hardware would), so it knows nothing
+of what backs an address. Every check is a function of the kernel's name;
+every config switch is decided once, inside the function the kernel decides
+it in. read_mem()/write_mem() are the kernel's per-page loops, taken a run
+of pages at a time: `PolicyMap` groups pages that devmem_is_allowed()
+answers alike, so one step of the loop stands for each page of its run.
+"""
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from ..settings import Config
+from .devmem import ALLOWED, PolicyMap, Verdict
+from .resource import ResourceTree
+from .sizes import PAGE_SHIFT
+
+ARM64_PHYS_MASK_SHIFT = 48
+_U64 = 1 << 64
+
+
+class AccessError(OSError):
+    """A /dev/mem access the kernel fails: errno, the rule that refused it, the bytes it concerns."""
+
+    def __init__(self, err: int, rule: str, start: int, end: int) -> None:
+        super().__init__(err, rule)
+        self.rule = rule
+        self.start = start
+        self.end = end
+
+
+class BusFault(Exception):
+    """copy_from_kernel_nofault()/copy_from_user() fault: nothing answers at `addr`."""
+
+    def __init__(self, addr: int, reason: str) -> None:
+        super().__init__(reason)
+        self.addr = addr
+        self.reason = reason
+
+
+class PhysBus(Protocol):
+    """Physical memory as the CPU reaches it (xlate_dev_mem_ptr() plus a copy)."""
+
+    def load(self, addr: int, size: int) -> bytes:
+        """The bytes at [addr, addr+size); raises BusFault where nothing answers."""
+
+    def store(self, addr: int, data: bytes | memoryview) -> None:
+        """Store data at addr; raises BusFault (having stored nothing) where nothing answers."""
+
+
+class DevMem:
+    """/dev/mem of one machine: mem.c's functions over its tree, settings and bus.
+
+    `high_memory_end` gives the last byte below x86 high_memory (it moves
+    with memory hotplug). Derived maps are rebuilt when the tree's
+    generation changes.
+    """
+
+    def __init__(self, tree: ResourceTree, config: Config, bus: PhysBus, phys_bits: int,
+                 high_memory_end: Callable[[], int]) -> None:
+        self.tree = tree
+        self.config = config
+        self.bus = bus
+        self.phys_bits = phys_bits
+        self.high_memory_end = high_memory_end
+        self._generation = -1
+        self._policy: PolicyMap | None = None
+        self._memblock: list[tuple[int, int]] = []
+
+    def _fresh(self) -> PolicyMap:
+        if self._policy is None or self._generation != self.tree.generation:
+            self._policy = PolicyMap(self.tree, self.config)
+            self._memblock = _merged((r.start, r.end) for r in self.tree.walk_system_ram_res())
+            self._generation = self.tree.generation
+        return self._policy
+
+    # -- validity helpers (spec 4.3) -----------------------------------------
+
+    def valid_phys_addr_range(self, addr: int, count: int) -> bool:
+        """x86: addr + count - 1 <= __pa(high_memory - 1) in u64; arm64: inside one memblock region."""
+        if self.config.arch == "x86_64":
+            return (addr + count - 1) % _U64 <= self.high_memory_end()
+        self._fresh()
+        return any(start <= addr and addr + count - 1 <= end for start, end in self._memblock)
+
+    def valid_mmap_phys_addr_range(self, pfn: int, size: int) -> bool:
+        """x86: the last byte below 2^x86_phys_bits; arm64: below PHYS_MASK."""
+        bits = self.phys_bits if self.config.arch == "x86_64" else ARM64_PHYS_MASK_SHIFT
+        return ((pfn << PAGE_SHIFT) + size - 1) >> bits == 0
+
+    # -- page_is_allowed / range_is_allowed (spec 4.4) ----------------------
+
+    def page_is_allowed_runs(self, first_pfn: int, last_pfn: int) -> Iterator[tuple[int, int, Verdict]]:
+        """page_is_allowed() for every page of [first_pfn, last_pfn], as (first, last, verdict) runs.
+
+        STRICT_DEVMEM=y: devmem_is_allowed(); =n: every page is allowed (1).
+        """
+        if not self.config.strict_devmem:
+            return iter(((first_pfn, last_pfn, ALLOWED),))
+        return self._fresh().runs(first_pfn, last_pfn)
+
+    def page_is_allowed(self, pfn: int) -> Verdict:
+        """page_is_allowed(): 0 refused, 1 allowed, 2 zero-filled, with the rule."""
+        return next(self.page_is_allowed_runs(pfn, pfn))[2]
+
+    def range_is_allowed(self, pfn: int, size: int) -> Verdict:
+        """range_is_allowed(): the first refusing page's verdict, else ALLOWED (2 counts as allowed)."""
+        last = ((pfn << PAGE_SHIFT) + size - 1) >> PAGE_SHIFT
+        return next((v for _, _, v in self.page_is_allowed_runs(pfn, last) if v.allowed == 0), ALLOWED)
+
+    def phys_mem_access_prot_allowed(self, pfn: int, size: int) -> Verdict:
+        """x86 (pat/memtype.c): without STRICT_DEVMEM, PAT refuses any page devmem_is_allowed()
+        refuses (cache aliasing of RAM); with it, and on arm64 (the __weak default), always 1."""
+        if self.config.arch != "x86_64" or self.config.strict_devmem:
+            return ALLOWED
+        last = ((pfn << PAGE_SHIFT) + size - 1) >> PAGE_SHIFT
+        return next((v for _, _, v in self._fresh().runs(pfn, last) if v.allowed == 0),
+                    ALLOWED)
+
+    # -- read / write / mmap (spec 4.5-4.7) ---------------------------------
+
+    def read_mem(self, p: int, count: int) -> bytes:
+        """read_mem(): the bytes, or AccessError for the whole call (EFAULT, EPERM) with nothing read."""
+        end = p + count - 1
+        if not self.valid_phys_addr_range(p, count):
+            raise AccessError(errno.EFAULT, f"valid_phys_addr_range: beyond high_memory "
+                                            f"({self.high_memory_end() + 1:#x})", p, end)
+        parts = []
+        for first, last, verdict in self.page_is_allowed_runs(p >> PAGE_SHIFT, end >> PAGE_SHIFT) if count else ():
+            start, stop = max(p, first << PAGE_SHIFT), min(end + 1, (last + 1) << PAGE_SHIFT)
+            if verdict.allowed == 0:
+                raise AccessError(errno.EPERM, verdict.rule, start, stop - 1)
+            if verdict.allowed == 2:
+                parts.append(bytes(stop - start))  # "Show zeros for restricted memory."
+                continue
+            try:
+                parts.append(self.bus.load(start, stop - start))
+            except BusFault as e:
+                raise AccessError(errno.EFAULT, e.reason, e.addr, stop - 1) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write_mem(self, p: int, data: bytes | memoryview) -> int:
+        """write_mem(): bytes written; AccessError for EPERM (earlier pages already stored) or
+        EFAULT before any progress; a fault after progress is a short count."""
+        end = p + len(data) - 1
+        if not self.valid_phys_addr_range(p, len(data)):
+            raise AccessError(errno.EFAULT, f"valid_phys_addr_range: beyond high_memory "
+                                            f"({self.high_memory_end() + 1:#x})", p, end)
+        view = memoryview(data)
+        written = 0
+        for first, last, verdict in self.page_is_allowed_runs(p >> PAGE_SHIFT, end >> PAGE_SHIFT) if data else ():
+            start, stop = max(p, first << PAGE_SHIFT), min(end + 1, (last + 1) << PAGE_SHIFT)
+            if verdict.allowed == 0:
+                raise AccessError(errno.EPERM, verdict.rule, start, stop - 1)
+            if verdict.allowed == 1:  # 2: "Skip actual writing when a page is marked as restricted."
+                try:
+                    self.bus.store(start, view[start - p:stop - p])
+                except BusFault as e:
+                    if written:
+                        return written
+                    raise AccessError(errno.EFAULT, e.reason, e.addr, stop - 1) from None
+            written += stop - start
+        return written
+
+    def mmap_mem(self, offset: int, size: int) -> None:
+        """mmap_mem()'s checks in the kernel's order; raises AccessError (EINVAL, EPERM) or returns."""
+        end = offset + size - 1
+        if size <= 0 or end >= _U64:
+            raise AccessError(errno.EINVAL, "mmap_mem: offset + size wraps", offset, end % _U64)
+        pfn = offset >> PAGE_SHIFT
+        if not self.valid_mmap_phys_addr_range(pfn, size):
+            raise AccessError(errno.EINVAL, "valid_mmap_phys_addr_range", offset, end)
+        verdict = self.range_is_allowed(pfn, size)
+        if verdict.allowed == 0:
+            raise AccessError(errno.EPERM, verdict.rule, offset, end)
+        verdict = self.phys_mem_access_prot_allowed(pfn, size)
+        if verdict.allowed == 0:
+            raise AccessError(errno.EINVAL, f"phys_mem_access_prot_allowed: {verdict.rule}", offset, end)
+
+    def load_mapped(self, offset: int, size: int) -> bytes:
+        """What a mapping of [offset, +size) reads: mmap_mem()'s checks, then the memory (real
+        pages even where read_mem() shows zeros). A fault raises AccessError(EFAULT): SIGBUS."""
+        self.mmap_mem(offset, size)
+        try:
+            return self.bus.load(offset, size)
+        except BusFault as e:
+            raise AccessError(errno.EFAULT, e.reason, e.addr, offset + size - 1) from None
+
+    def store_mapped(self, offset: int, data: bytes | memoryview) -> None:
+        """A write-back of mapped pages: mmap_mem()'s checks, then the store."""
+        self.mmap_mem(offset, len(data))
+        try:
+            self.bus.store(offset, data)
+        except BusFault as e:
+            raise AccessError(errno.EFAULT, e.reason, e.addr, offset + len(data) - 1) from None
+
+
+def _merged(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    """memblock.memory from busy System RAM: adjacent ranges merged."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
+

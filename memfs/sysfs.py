@@ -1,0 +1,71 @@
+"""The sysfs files memfs serves, as attribute tables (drivers/base/memory.c's DEVICE_ATTR_RO/_RW).
+
+Pure model: an attribute is a name, a show, an optional store, and the mode
+that follows from them. Every store runs the drivers' pending work
+afterwards, as the kernel's workqueue would (onlining memory requeues a
+virtio-mem driver stopped at its offline threshold).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .kernel.memory_hotplug import MEMORY_BLOCK_ATTRS
+from .machine import Machine
+
+MEMORY_PREFIX = "memory"
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One sysfs attribute: mode 0644 with a store, 0444 without."""
+
+    name: str
+    show: Callable[[], str]
+    store: Callable[[str], None] | None = None
+
+    @property
+    def mode(self) -> int:
+        return 0o644 if self.store else 0o444
+
+
+def _stored(machine: Machine, store: Callable[[str], None]) -> Callable[[str], None]:
+    def run(text: str) -> None:
+        store(text)  # raises HotplugError (an OSError with the kernel's errno): nothing changed
+        machine.run_pending_work()
+
+    return run
+
+
+def memory_attrs(machine: Machine) -> list[Attr]:
+    """/sys/devices/system/memory/{block_size_bytes,auto_online_blocks}."""
+    hp = machine.hotplug
+    return [Attr("block_size_bytes", hp.block_size_bytes_show),
+            Attr("auto_online_blocks", hp.auto_online_blocks_show, _stored(machine, hp.set_auto_online_blocks))]
+
+
+def memory_block_attrs(machine: Machine, mb_id: int) -> list[Attr]:
+    """/sys/devices/system/memory/memoryN/*: state and online are writable (state_store, online_store)."""
+    hp = machine.hotplug
+    stores: dict[str, Callable[[str], None]] = {
+        "state": lambda text: hp.store_state(mb_id, text),
+        "online": lambda text: hp.store_online(mb_id, text),
+    }
+    def show(name: str) -> Callable[[], str]:
+        return lambda: hp.block(mb_id).show(name)
+
+    return [Attr(name, show(name), _stored(machine, stores[name]) if name in stores else None)
+            for name in MEMORY_BLOCK_ATTRS]
+
+
+def memory_block_id(name: str) -> int | None:
+    """The mb_id of a directory name `memoryN` (N in decimal, no leading zeros), else None."""
+    digits = name[len(MEMORY_PREFIX):]
+    if not name.startswith(MEMORY_PREFIX) or not digits.isdigit() or str(int(digits)) != digits:
+        return None
+    return int(digits)
+
+
+def memory_block_ids(machine: Machine) -> Iterator[int]:
+    """The memory blocks that exist, ascending."""
+    return iter(sorted(machine.hotplug.blocks))
