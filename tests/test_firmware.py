@@ -205,7 +205,9 @@ def test_pieces_are_sorted_disjoint_and_fill_firmware_ranges_only(fw, q35_text):
     assert all(end <= nxt for end, (nxt, _) in zip(ends, fw.pieces[1:]))
     wanted = {r for name in ("Video ROM", "Adapter ROM", "System ROM") for r in iomem(q35_text, name)}
     wanted |= {(0x9FC00, 0x9FFFF), (0x7FFE0000, 0x7FFFFFFF), (0, 0xFFF)}
+    wanted |= {(0xFFFF0000, 0xFFFFFFFF)}  # the flash's alias of the F-segment below 4 GiB
     assert {(a, a + len(d) - 1) for a, d in fw.pieces} == wanted
+    assert fw.read(0xFFFF0000, 0x10000) == fw.read(0xF0000, 0x10000)
     for start, end in iomem(q35_text, "System RAM", top_level=True):
         assert all(a + len(d) <= start or a > end for a, d in fw.pieces)
 

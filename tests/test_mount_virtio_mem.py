@@ -20,7 +20,7 @@ BLOCK = 128 * MIB
 BASE = 0x100000000
 BOOT_BLOCKS = set(range(16))  # 0x0-0x7fffffff holds boot RAM: memory0..memory15
 HAZARD = ["--set", "arch=arm64", "--set", "EXCLUSIVE_SYSTEM_RAM=n"]
-RAM_MAPS = ["--set", "arch=arm64", "--set", "STRICT_DEVMEM=n"]
+RAM_MAPS = ["--set", "arch=arm64", "--set", "STRICT_DEVMEM=n", "--set", "memhp_default_state=online_movable"]
 
 
 def expected_iomem(*children: tuple[int, int]) -> str:

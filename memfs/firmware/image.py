@@ -28,6 +28,7 @@ from .platform import FSEG, FirmwareError, FirmwareStrings, Platform
 FSEG_POOL = (0xF5800, 0xF6000)  # the F-segment space this SeaBIOS build leaves to malloc_fseg()
 TABLE_ALIGN = 16                 # SeaBIOS MALLOC_MIN_ALIGN
 PAGE = 0x1000
+HIGH_BIOS_ALIAS = (1 << 32) - 0x10000
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,9 @@ def build_firmware(platform: Platform, strings: FirmwareStrings | None = None,
         tables, addresses = blob.tables, blob.addresses
         pieces.append((area.start, bytes(area_mem)))
     pieces.append((FSEG, bytes(fseg)))
+    # The BIOS flash is mapped below 4 GiB (where the CPU's reset vector 0xFFFFFFF0 is) and its
+    # last 64 KiB aliased at the F-segment, so both read the same.
+    pieces.append((HIGH_BIOS_ALIAS, bytes(fseg)))
 
     pieces.sort()
     return Firmware(
