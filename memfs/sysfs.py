@@ -66,6 +66,6 @@ def memory_block_id(name: str) -> int | None:
     return int(digits)
 
 
-def memory_block_ids(machine: Machine) -> Iterator[int]:
-    """The memory blocks that exist, ascending."""
-    return iter(sorted(machine.hotplug.blocks))
+def memory_block_ids(machine: Machine, start: int = 0) -> Iterator[int]:
+    """The memory blocks that exist from mb_id `start` on, ascending (lazily: boot RAM may hold 2^33)."""
+    return machine.hotplug.blocks.ids_from(start)

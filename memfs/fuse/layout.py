@@ -45,10 +45,12 @@ def _memory_dir(machine: Machine) -> Dir:
     def block(mb_id: int) -> Dir:
         return fixed_dir(dict(_attrs(sysfs.memory_block_attrs(machine, mb_id))))
 
-    def entries() -> Iterator[tuple[str, Node]]:
-        yield from _attrs(sysfs.memory_attrs(machine))
-        for mb_id in sysfs.memory_block_ids(machine):
-            yield f"{sysfs.MEMORY_PREFIX}{mb_id}", block(mb_id)
+    def listing(after: int) -> Iterator[tuple[int, str, Node]]:
+        attrs = list(_attrs(sysfs.memory_attrs(machine)))
+        for token, (name, node) in enumerate(attrs[after:], after + 1):
+            yield token, name, node
+        for mb_id in sysfs.memory_block_ids(machine, max(after - len(attrs), 0)):
+            yield len(attrs) + 1 + mb_id, f"{sysfs.MEMORY_PREFIX}{mb_id}", block(mb_id)
 
     def find(name: str) -> Node | None:
         mb_id = sysfs.memory_block_id(name)
@@ -56,7 +58,7 @@ def _memory_dir(machine: Machine) -> Dir:
             return block(mb_id) if mb_id in machine.hotplug.blocks else None
         return next((node for n, node in _attrs(sysfs.memory_attrs(machine)) if n == name), None)
 
-    return Dir(entries, find)
+    return Dir(listing, find)
 
 
 def build(machine: Machine, devmem: DevMemFile) -> Dir:

@@ -51,27 +51,24 @@ class Node:
         raise pyfuse3.FUSEError(errno.EISDIR)
 
 
-Entries = Callable[[], Iterator[tuple[str, Node]]]
+Listing = Callable[[int], Iterator[tuple[int, str, Node]]]
 
 
 class Dir(Node):
-    """A directory: `entries()` lists it in a stable order, `find(name)` looks one name up."""
+    """A directory. `listing(after)` yields (token, name, node) for the entries whose token is
+    greater than `after`, in token order (readdir resumes from a token, so a listing costs what it
+    shows, not what came before); `find(name)` looks one name up."""
 
-    def __init__(self, entries: Entries, find: Callable[[str], Node | None] | None = None,
-                 mode: int = 0o555) -> None:
+    def __init__(self, listing: Listing, find: Callable[[str], Node | None], mode: int = 0o555) -> None:
         self.mode = DIR | mode
-        self.entries = entries
-        self._find = find
-
-    def find(self, name: str) -> Node | None:
-        if self._find is not None:
-            return self._find(name)
-        return next((node for n, node in self.entries() if n == name), None)
+        self.listing = listing
+        self.find = find
 
 
 def fixed_dir(children: dict[str, Node], mode: int = 0o555) -> Dir:
     """A directory whose entries never change."""
-    return Dir(lambda: iter(children.items()), children.get, mode)
+    entries = [(token, name, node) for token, (name, node) in enumerate(children.items(), 1)]
+    return Dir(lambda after: iter(entries[after:]), children.get, mode)
 
 
 class _Snapshot(Handle):

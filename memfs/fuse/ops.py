@@ -133,10 +133,8 @@ class MemfsOps(pyfuse3.Operations):
         path = self._path[fh]
         node = self._node(path)
         assert isinstance(node, Dir)
-        for i, (name, child) in enumerate(node.entries()):
-            if i < start_id:
-                continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path + (name,), child), i + 1):
+        for next_id, name, child in node.listing(start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path + (name,), child), next_id):
                 break
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
