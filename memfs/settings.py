@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .kernel.memory_hotplug import ONLINE_TYPES
 from .units import parse_size
+from .virtio_mem.unmovable import DEFAULT_UNMOVABLE_SIZE
 
 ARCHES = ("x86_64", "arm64")
-ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")  # mhp_online_type_from_str()
 YES_NO = ("y", "n")
 
 
@@ -57,7 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(Debian 12's 6.1 lacks CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE)", ONLINE_TYPES, "offline"),
     Setting("zone_normal_unmovable", "unmovable kernel allocations that land in the first hot-added block "
             "onlined to ZONE_NORMAL, per virtio-mem device (a size; what a 6.1 guest keeps after shrinking to 0)",
-            None, "10M", check=lambda v: parse_size(v, "zone_normal_unmovable")),
+            None, f"{DEFAULT_UNMOVABLE_SIZE >> 20}M", check=lambda v: parse_size(v, "zone_normal_unmovable")),
 )
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 _FOLLOW = {"STRICT_DEVMEM": {"y": "strict", "n": "relaxed"}}  # iomem= words for the y/n it follows

@@ -29,28 +29,23 @@ _NUMBER_THEN = re.compile(r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?P<rest>.+)")
 
 def parse_size(text: str | int, what: str = "size") -> int:
     """A size in bytes: decimal or 0x hex, optionally times a binary unit K/M/G/T."""
-    if not isinstance(text, str):
-        return _checked_int(text, what)
-    word = text.strip()
-    m = _SIZE.fullmatch(word)
-    if m is None:
-        raise ValueError(f"bad {what} {_shown(text)}: {_why(word, sizes=True)}")
-    unit = m.group("unit")
-    value = _number(m.group("number"), text, what) * (UNITS[unit.upper()] if unit else 1)
-    if value > U64_MAX:
-        raise _too_big(text, what)
-    return value
+    return _parse(text, what, _SIZE)
 
 
 def parse_addr(text: str | int, what: str = "address") -> int:
     """A physical address: decimal or 0x hex."""
+    return _parse(text, what, _ADDR)
+
+
+def _parse(text: str | int, what: str, pattern: re.Pattern[str]) -> int:
     if not isinstance(text, str):
         return _checked_int(text, what)
     word = text.strip()
-    m = _ADDR.fullmatch(word)
+    m = pattern.fullmatch(word)
     if m is None:
-        raise ValueError(f"bad {what} {_shown(text)}: {_why(word, sizes=False)}")
-    value = _number(m.group("number"), text, what)
+        raise ValueError(f"bad {what} {_shown(text)}: {_why(word, sizes=pattern is _SIZE)}")
+    unit = m.groupdict().get("unit")
+    value = _number(m.group("number"), text, what) * (UNITS[unit.upper()] if unit else 1)
     if value > U64_MAX:
         raise _too_big(text, what)
     return value

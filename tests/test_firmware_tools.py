@@ -41,8 +41,7 @@ exec "$@"
 
 def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if path is None:
-        pytest.skip(f"{name} is not installed (scripts/setup installs it)")
+    assert path is not None, f"{name} is not installed (scripts/setup installs it)"
     return path
 
 
@@ -52,8 +51,8 @@ def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 def guest_view(work: Path, image: Path, fw: Firmware | None, *argv: str) -> subprocess.CompletedProcess[str]:
     """Run argv with the image at /dev/mem and fw's /sys/firmware files (none if fw is None)."""
-    if run("unshare", "--mount", "--propagation", "private", "true").returncode:
-        pytest.skip("cannot create a mount namespace here (needs root)")
+    assert run("unshare", "--mount", "--propagation", "private", "true").returncode == 0, \
+        "cannot create a mount namespace here (the tests run as root)"
     stage = work / "sys-firmware"
     (stage / "acpi" / "tables" / "dynamic").mkdir(parents=True, exist_ok=True)
     (stage / "dmi" / "tables").mkdir(parents=True, exist_ok=True)

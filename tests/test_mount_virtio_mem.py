@@ -144,22 +144,37 @@ HOLDER = textwrap.dedent("""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     print(hex(addr), flush=True)
     for line in sys.stdin:
+        if line.startswith("store "):
+            m[:8] = line.split()[1].encode()
         print(m[:8].hex(), flush=True)
 """)
 
 
 def test_unplug_revokes_mappings_and_replug_reads_zeros(mount):
+    """Stores through a live mapping land before an unplug discards the memory; afterwards the
+    mapping is revoked (SIGBUS, gdb cannot read it) and re-plugged memory reads as zeros.
+
+    dev/mem is opened before the mapping exists and never again until the unplug: a fresh FUSE
+    open drops cached pages by itself and would hide a missing invalidation.
+    """
     mnt = mount(*RAM_MAPS)
     mem = mnt / "dev/mem"
+    plain = os.open(mem, os.O_RDWR)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(mem), hex(BASE)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
+
+    def holder_says(line: str) -> bytes:
+        holder.stdin.write(line + "\n")
+        holder.stdin.flush()
+        return bytes.fromhex(holder.stdout.readline().strip())
+
     try:
         addr = holder.stdout.readline().strip()
-        holder.stdin.write("touch\n")
-        holder.stdin.flush()
-        assert bytes.fromhex(holder.stdout.readline().strip()) == b"PATTERN!"
-        assert pread(mem, 8, BASE) == b"PATTERN!"  # the mapping wrote through to the device
+        assert holder_says("touch") == b"PATTERN!"
+        assert os.pread(plain, 8, BASE) == b"PATTERN!"  # a plain read sees what the mapping stored
+        assert holder_says("store SECOND!!") == b"SECOND!!"  # dirty again, not yet written back
         ctl(mnt, "virtio0", "unplug", hex(BASE), "2M")
+        assert "read 0, write 0" in (mnt / "audit").read_text()  # the store landed before the discard
         gdb = subprocess.run(["gdb", "-p", str(holder.pid), "-batch", "-nx", "-ex", f"x/8xb {addr}"],
                              capture_output=True, text=True, timeout=120)
         assert f"Cannot access memory at address {addr}" in gdb.stdout + gdb.stderr, gdb.stdout + gdb.stderr
@@ -169,6 +184,7 @@ def test_unplug_revokes_mappings_and_replug_reads_zeros(mount):
     finally:
         holder.kill()
         holder.wait()
+        os.close(plain)
     assert errno_of(pread, mem, 8, BASE) == errno.EFAULT  # unplugged: the device refuses
     ctl(mnt, "virtio0", "plug", hex(BASE), "2M")
     assert pread(mem, 8, BASE) == bytes(8)  # re-plugged memory was discarded

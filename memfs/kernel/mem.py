@@ -16,6 +16,7 @@ from typing import Protocol
 
 from ..settings import Config
 from .devmem import ALLOWED, PolicyMap, Verdict
+from .resindex import union
 from .resource import ResourceTree
 from .sizes import PAGE_SHIFT
 
@@ -74,7 +75,7 @@ class DevMem:
     def _fresh(self) -> PolicyMap:
         if self._policy is None or self._generation != self.tree.generation:
             self._policy = PolicyMap(self.tree, self.config)
-            self._memblock = _merged((r.start, r.end) for r in self.tree.walk_system_ram_res())
+            self._memblock = union((r.start, r.end) for r in self.tree.walk_system_ram_res())
             self._generation = self.tree.generation
         return self._policy
 
@@ -197,15 +198,4 @@ class DevMem:
             self.bus.store(offset, data)
         except BusFault as e:
             raise AccessError(errno.EFAULT, e.reason, e.addr, offset + len(data) - 1) from None
-
-
-def _merged(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
-    """memblock.memory from busy System RAM: adjacent ranges merged."""
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(end, out[-1][1]))
-        else:
-            out.append((start, end))
-    return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..changes import MemoryChanged
 from .ioport import IORESOURCE_BUSY, IORESOURCE_SYSRAM_DRIVER_MANAGED, IORESOURCE_SYSTEM_RAM, Resource
+from .resindex import union
 from .resource import ResourceConflict, ResourceTree
 from .sizes import PAGE_MASK, PAGE_SIZE, SZ_1G, SZ_1M
 
@@ -66,17 +67,6 @@ def memory_block_size_bytes(boot_end: int, bare_metal: bool = False) -> int:
 def _zones_of(start: int, end: int) -> list[str]:
     """Kernel zones (x86-64 spans) that the inclusive range [start, end] touches."""
     return [name for name, lo, hi in _ZONE_SPANS if start < hi and end >= lo]
-
-
-def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The union of inclusive ranges as disjoint ranges, ascending; touching ones joined."""
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if out and start <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(end, out[-1][1]))
-        else:
-            out.append((start, end))
-    return out
 
 
 def kstrtobool(text: str) -> bool:
@@ -152,8 +142,8 @@ class MemoryBlocks(Mapping[int, MemoryBlock]):
 
     def __init__(self, ram: Iterable[Resource], block_size: int) -> None:
         self.block_size = block_size
-        self._ram = _merged((r.start, r.end) for r in ram)
-        self._boot = _merged((start // block_size, end // block_size) for start, end in self._ram)
+        self._ram = union((r.start, r.end) for r in ram)
+        self._boot = union((start // block_size, end // block_size) for start, end in self._ram)
         self._stored: dict[int, MemoryBlock] = {}
         self._hot: list[int] = []          # stored ids outside the boot ranges, ascending
         self._removed: set[int] = set()    # boot ids whose block went away

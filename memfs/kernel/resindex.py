@@ -1,4 +1,4 @@
-"""Address lookups over a resource's children, for any sibling list a dump can hold.
+"""Address lookups over a resource's children, for any sibling list a dump can hold; range unions.
 
 The kernel walks sibling lists linearly; parsed dumps can hold hundreds of
 thousands of resources, overlapping or out of order, so lookups go through
@@ -8,6 +8,7 @@ this index instead. It is rebuilt lazily after a list changes (the tree sets
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 
 from .ioport import Resource
 
@@ -47,3 +48,14 @@ def index(node: Resource) -> ChildIndex:
     if node._ix is None:
         node._ix = ChildIndex(node.children)
     return node._ix  # type: ignore[return-value]
+
+
+def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of inclusive ranges as disjoint ranges, ascending; touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
