@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pyfuse3
 
-from .. import status, sysfs
+from .. import meminfo, status, sysfs
 from ..audit import Opener
 from ..control import Control
 from ..kernel.iomem import render
@@ -61,13 +61,29 @@ def _memory_dir(machine: Machine) -> Dir:
     return Dir(listing, find)
 
 
+def _fixed(data: bytes) -> Callable[[Opener], bytes]:
+    return lambda _: data
+
+
+def _firmware_dir(machine: Machine) -> Dir:
+    """/sys/firmware/{dmi,acpi}/tables: root-only binary files of the generated firmware (dmi_sysfs, acpi)."""
+    tree: dict[str, dict[str, Node]] = {"dmi": {}, "acpi": {"dynamic": fixed_dir({})}}
+    files = machine.firmware.sysfs() if machine.firmware is not None else {}
+    for path, data in files.items():
+        kind, _, name = path.split("/", 2)
+        tree[kind][name] = TextFile(_fixed(data), 0o400, len(data))
+    return fixed_dir({kind: fixed_dir({"tables": fixed_dir(entries)}) for kind, entries in tree.items()})
+
+
 def build(machine: Machine, devmem: DevMemFile) -> Dir:
     """The root directory of a mount of `machine`."""
     control = Control(machine)
     return fixed_dir({
         "dev": fixed_dir({"mem": devmem}, 0o755),
-        "proc": fixed_dir({"iomem": TextFile(_iomem(machine))}),
-        "sys": fixed_dir({"devices": fixed_dir({"system": fixed_dir({"memory": _memory_dir(machine)})})}),
+        "proc": fixed_dir({"iomem": TextFile(_iomem(machine)),
+                           "meminfo": TextFile(lambda _: meminfo.meminfo(machine))}),
+        "sys": fixed_dir({"devices": fixed_dir({"system": fixed_dir({"memory": _memory_dir(machine)})}),
+                          "firmware": _firmware_dir(machine)}),
         "control": ControlFile(control),
         "memory-devices": TextFile(lambda _: status.memory_devices(machine)),
         "audit": TextFile(lambda _: status.audit(machine), 0o400),

@@ -72,19 +72,19 @@ def fixed_dir(children: dict[str, Node], mode: int = 0o555) -> Dir:
 
 
 class _Snapshot(Handle):
-    """Text rendered at open, as a seq_file reader sees one consistent snapshot."""
+    """Content rendered at open, as a seq_file reader sees one consistent snapshot."""
 
-    def __init__(self, text: str) -> None:
-        self.data = text.encode()
+    def __init__(self, content: str | bytes) -> None:
+        self.data = content.encode() if isinstance(content, str) else content
 
     async def read(self, off: int, size: int) -> bytes:
         return self.data[off:off + size]
 
 
 class TextFile(Node):
-    """A read-only text file rendered for each opener."""
+    """A read-only file rendered for each opener (text, or bytes for binary sysfs attributes)."""
 
-    def __init__(self, render: Callable[[Opener], str], mode: int = 0o444, size: int = 0) -> None:
+    def __init__(self, render: Callable[[Opener], str | bytes], mode: int = 0o444, size: int = 0) -> None:
         self.mode = REG | mode
         self.size = size
         self.render = render
