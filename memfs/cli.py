@@ -1,4 +1,4 @@
-"""memfs command line: mount | umount | ctl | iomem | run. Parsing and plumbing only."""
+"""memfs command line: mount | umount | ctl | iomem | map | run. Parsing and plumbing only."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,40 @@ def cmd_iomem(args: argparse.Namespace) -> int:
     from .kernel.iomem import render
 
     sys.stdout.write(render(_machine(args).tree, privileged=not args.unprivileged))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """The memory map picture: MOUNTPOINT's memory-map.svg (its live state), or a machine built here."""
+    from .memmap import MAP_FILE, render_svg
+
+    if args.mountpoint is None:
+        svg = render_svg(_machine(args)).encode()
+    elif args.machine or args.iomem or args.set:
+        raise MachineError("map: give MOUNTPOINT or --machine/--iomem/--set, not both")
+    else:
+        path = os.path.join(args.mountpoint, MAP_FILE)
+        try:
+            with open(path, "rb") as f:
+                svg = f.read()
+        except OSError as e:
+            print(f"memfs: {path}: {e.strerror}", file=sys.stderr)
+            return 1
+    if args.output.endswith(".png"):
+        import subprocess
+
+        try:
+            done = subprocess.run(["rsvg-convert", "-f", "png", "-o", args.output], input=svg, capture_output=True)
+        except FileNotFoundError:
+            raise RuntimeError("writing PNG needs rsvg-convert (Debian: librsvg2-bin); "
+                               "or write .svg and convert it elsewhere") from None
+        if done.returncode:
+            raise RuntimeError(f"rsvg-convert: {done.stderr.decode(errors='replace').strip()}")
+    elif args.output == "-":
+        sys.stdout.buffer.write(svg)
+    else:
+        with open(args.output, "wb") as f:
+            f.write(svg)
     return 0
 
 
@@ -150,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     machine_args(i)
     i.add_argument("--unprivileged", action="store_true", help="as a reader without CAP_SYS_ADMIN")
     i.set_defaults(func=cmd_iomem)
+
+    mp = sub.add_parser("map", help="draw the physical address space as SVG (or PNG, via rsvg-convert): "
+                                    "MOUNTPOINT's live state, or a machine built here without mounting")
+    mp.add_argument("mountpoint", nargs="?", help="a memfs mount (reads MOUNTPOINT/memory-map.svg)")
+    machine_args(mp)
+    mp.add_argument("-o", "--output", default="-", metavar="FILE", help="FILE.svg or FILE.png (default: SVG on stdout)")
+    mp.set_defaults(func=cmd_map)
 
     r = sub.add_parser("run", help="run a command with MOUNTPOINT's dev/mem and proc/iomem bound over "
                                    "/dev/mem and /proc/iomem in a private mount namespace")

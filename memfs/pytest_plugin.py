@@ -106,11 +106,11 @@ def _run(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str
     return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 
-def _fusermount(*args: str) -> None:
+def _fusermount(*args: str) -> bool:
     try:
-        _run(["fusermount3", *args], timeout=30)
+        return _run(["fusermount3", *args], timeout=30).returncode == 0
     except subprocess.TimeoutExpired:
-        pass  # the next step, or the abort, deals with it
+        return False  # the next step, or the abort, deals with it
 
 
 def unmount(mountpoint: Path) -> None:
@@ -118,8 +118,7 @@ def unmount(mountpoint: Path) -> None:
     for args in (("-u",), ("-u", "-z")):
         if not is_mounted(mountpoint):
             return
-        _fusermount(*args, str(mountpoint))
-        if _wait(lambda: not is_mounted(mountpoint), STEP_WAIT):
+        if _fusermount(*args, str(mountpoint)) and _wait(lambda: not is_mounted(mountpoint), STEP_WAIT):
             return
     device = _device(mountpoint)
     if device is None:
@@ -135,28 +134,37 @@ def unmount(mountpoint: Path) -> None:
                          f"(run: fusermount3 -u -z {mountpoint})")
 
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (when it started), or None if PID is gone or a zombie."""
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of PID from /proc/PID/stat, or None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    return None if fields[0] in ("Z", "X") else (fields[0], fields[19])
 
 
 def _stop_daemon(pid: int, started: str | None) -> None:
-    """Wait for the daemon to exit; SIGTERM, then SIGKILL it if it does not (only if PID is still it)."""
-    def gone() -> bool:
-        return _start_time(pid) != started
+    """Wait for the daemon to exit; SIGTERM (and SIGCONT), then SIGKILL it if it does not.
 
-    if started is None or _wait(gone, EXIT_WAIT):
+    Only while PID is still the daemon (same start time): a pid is never signalled once reused.
+    """
+    def gone() -> bool:
+        stat = _stat(pid)
+        return stat is None or stat[1] != started
+
+    def stopped() -> bool:
+        stat = _stat(pid)
+        return stat is not None and stat[1] == started and stat[0] in ("T", "t")
+
+    if started is None or _wait(lambda: gone() or stopped(), EXIT_WAIT) and gone():
         return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sigs in ((signal.SIGTERM, signal.SIGCONT), (signal.SIGKILL,)):
         if gone():
             return
         try:
-            os.kill(pid, sig)
+            for sig in sigs:
+                os.kill(pid, sig)
         except ProcessLookupError:
             return
         if _wait(gone, EXIT_WAIT):
@@ -165,7 +173,8 @@ def _stop_daemon(pid: int, started: str | None) -> None:
 
 
 class MemfsMachine:
-    """A mounted memfs machine. Create with `MemfsMachine.mount`; `close` always unmounts."""
+    """A mounted memfs machine. Create with `MemfsMachine.mount` (also a context manager for
+    other scopes: ``with MemfsMachine.mount(iomem=...) as m:``); `close` always unmounts."""
 
     def __init__(self, base: Path, pid: int | None) -> None:
         self.base = base
@@ -175,7 +184,8 @@ class MemfsMachine:
         self.control_path = self.mountpoint / "control"
         self.log = base / "memfs.log"
         self.pid = pid  # the daemon's
-        self._started = _start_time(pid) if pid is not None else None
+        stat = _stat(pid) if pid is not None else None
+        self._started = stat[1] if stat else None
 
     @classmethod
     def mount(cls, machine: str | os.PathLike[str] | None = None, iomem: str | os.PathLike[str] | None = None,
@@ -240,10 +250,18 @@ class MemfsMachine:
 
     def close(self) -> None:
         """Unmount (even a dead or stuck mount), stop the daemon, remove the temporary directory."""
-        unmount(self.mountpoint)
-        if self.pid is not None:
-            _stop_daemon(self.pid, self._started)
+        try:
+            unmount(self.mountpoint)
+        finally:  # a daemon that kept its mount is stopped all the same: that ends its connection
+            if self.pid is not None:
+                _stop_daemon(self.pid, self._started)
         shutil.rmtree(self.base, ignore_errors=True)  # only reached once nothing is mounted there
+
+    def __enter__(self) -> MemfsMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"MemfsMachine(mountpoint={str(self.mountpoint)!r}, pid={self.pid})"
@@ -294,7 +312,7 @@ def memfs_machine(request: pytest.FixtureRequest) -> Iterator[MemfsMachine]:
         machine = MemfsMachine.mount(paths["machine"], paths["iomem"], settings,
                                      allow_other=bool(kwargs.get("allow_other", False)))
     except MemfsError as e:
-        pytest.fail(str(e), pytrace=False)
+        raise pytest.fail.Exception(str(e), pytrace=False) from None
     try:
         yield machine
     finally:

@@ -7,13 +7,16 @@ from collections.abc import Callable, Iterator
 
 import pyfuse3
 
-from .. import meminfo, status, sysfs
+from .. import meminfo, memmap, status, sysfs
 from ..audit import Opener
 from ..control import Control
 from ..kernel.iomem import render
 from ..machine import Machine
 from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
 from .nodes import ControlFile, DevMemHandle, Dir, Handle, Node, REG, SysfsAttr, TextFile, fixed_dir
+
+
+LOFF_MAX = (1 << 63) - 1
 
 
 class DevMemFile(Node):
@@ -23,7 +26,7 @@ class DevMemFile(Node):
     cache_attrs = True
 
     def __init__(self, machine: Machine, handle: Callable[[Opener, bool], DevMemHandle]) -> None:
-        self.size = machine.size
+        self.size = min(machine.size, LOFF_MAX)  # st_size is a loff_t
         self.handle = handle
 
     def open(self, opener: Opener, flags: int) -> Handle:
@@ -87,4 +90,5 @@ def build(machine: Machine, devmem: DevMemFile) -> Dir:
         "control": ControlFile(control),
         "memory-devices": TextFile(lambda _: status.memory_devices(machine)),
         "audit": TextFile(lambda _: status.audit(machine), 0o400),
+        memmap.MAP_FILE: TextFile(lambda _: memmap.render_svg(machine)),
     }, 0o755)
