@@ -116,7 +116,7 @@ def serve(machine: Machine, mountpoint: str, allow_other: bool = False,
     device = _device(mountpoint)
     _no_readahead(device, mountpoint)
     try:
-        trio.run(_main, mountpoint, device, ready)
+        trio.run(_main, ops, mountpoint, device, ready)
     finally:
         pyfuse3.close(unmount=mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
@@ -146,8 +146,9 @@ def _no_readahead(device: str | None, mountpoint: str) -> None:
         log.warning("could not turn readahead off for %s: %s", mountpoint, e)
 
 
-async def _main(mountpoint: str, device: str | None, ready: Callable[[], object] | None) -> None:
+async def _main(ops: MemfsOps, mountpoint: str, device: str | None, ready: Callable[[], object] | None) -> None:
     async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
         nursery.start_soon(_stop_on_signal, mountpoint, device)
         if ready:
             ready()

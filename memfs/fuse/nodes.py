@@ -6,9 +6,13 @@ and translate its answers (AccessError, ControlError, HotplugError) to errnos.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import signal
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +23,8 @@ from ..control import Control, ControlError
 from ..kernel.mem import AccessError
 from ..machine import Machine
 from .creds import CAP_SYS_RAWIO, has_capability
+
+log = logging.getLogger("memfs.fuse")
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
@@ -156,6 +162,43 @@ class SysfsAttr(Node):
         return _AttrHandle(self, self.show())
 
 
+REFAULTS = 8          # refusals of one page within REFAULT_WINDOW: the kernel is retrying a fault
+REFAULT_WINDOW = 1.0  # seconds
+
+
+class RefaultGuard:
+    """Ends a process whose kernel keeps re-asking for a refused mapped page.
+
+    The kernel refuses such a mapping at mmap() time (EPERM); FUSE cannot, so the
+    refusal comes at the fault. A plain touch then gets SIGBUS, but mlock(),
+    MAP_POPULATE and MAP_LOCKED fault through get_user_pages(), which retries
+    without end while the task sits in state D. After REFAULTS refusals of one page
+    in REFAULT_WINDOW seconds the opener gets SIGBUS, as the touch would have,
+    and SIGKILL if the retries go on; each is logged once.
+    """
+
+    def __init__(self, opener: Opener) -> None:
+        self.opener = opener
+        self._page = -1
+        self._times: list[float] = []
+        self._sent = 0
+
+    def refused(self, page: int) -> None:
+        now = time.monotonic()
+        if page != self._page:
+            self._page, self._times = page, []
+        self._times = [t for t in self._times if now - t < REFAULT_WINDOW] + [now]
+        if len(self._times) < REFAULTS:
+            return
+        self._times = []
+        sig = signal.SIGBUS if not self._sent else signal.SIGKILL
+        self._sent += 1
+        log.warning("pid %d (%s) keeps faulting on refused page %#x (mlock/MAP_POPULATE): sending %s",
+                    self.opener.pid, self.opener.comm, page, sig.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.opener.pid, sig)
+
+
 @dataclass
 class DevMemHandle(Handle):
     """An open of dev/mem: plain opens follow read_mem()/write_mem(); page-cache opens
@@ -170,6 +213,7 @@ class DevMemHandle(Handle):
 
     def __post_init__(self) -> None:
         self.direct_io = not self.mapped
+        self.refaults = RefaultGuard(self.opener)
 
     def _refused(self, op: str, e: AccessError) -> pyfuse3.FUSEError:
         err = e.errno or errno.EIO
@@ -182,6 +226,8 @@ class DevMemHandle(Handle):
         try:
             return devmem.load_mapped(off, size) if self.mapped else devmem.read_mem(off, size)
         except AccessError as e:
+            if self.mapped:
+                self.refaults.refused(off)
             raise self._refused("map-read" if self.mapped else "read", e) from None
 
     async def write(self, off: int, buf: bytes) -> int:

@@ -59,6 +59,8 @@ class MemfsOps(pyfuse3.Operations):
         self._next_fh = 1
         self._revoke_pending = False
         self._page_cache_opens = 0
+        # Background work (set by the daemon while it serves): never awaited by a handler.
+        self.nursery: trio.Nursery | None = None
         machine.changed.connect(self._memory_changed)
 
     # -- the namespace ------------------------------------------------------
@@ -206,9 +208,22 @@ class MemfsOps(pyfuse3.Operations):
             await self._invalidate()
 
     def _wrote_back(self, start: int, size: int) -> None:
-        """A write-back reached memory; where the bus dropped it, the cached page must go."""
-        if self.machine.bus.drops_writes(start, size):
-            self._revoke_pending = True
+        """A write-back reached memory; where the bus dropped it (firmware, floating bus) the
+        cached page still holds the written value: put what the bus reads there, for every
+        mapping of it, once this write-back has been answered."""
+        if self.nursery is not None and self.machine.bus.drops_writes(start, size):
+            self.nursery.start_soon(self._restore, start, size)
+
+    async def _restore(self, start: int, size: int) -> None:
+        ino = self._ino.get(MEM_PATH)
+        if ino is None:
+            return
+        data = self.machine.bus.load(start, size)
+        try:
+            # notify_store may wait for the page lock the write-back holds: not in a handler
+            await trio.to_thread.run_sync(pyfuse3.notify_store, ino, start, data)
+        except OSError as e:
+            log.warning("could not restore dropped writes at %#x: %s", start, e.strerror)
 
     def _memory_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True
