@@ -96,6 +96,13 @@ def _firmware(tree: ResourceTree, spec: dict[str, Any], where: str) -> Firmware 
         raise MachineError(f"{where}: firmware: {e}") from None
 
 
+def _one_line(text: str, key: str) -> str:
+    """A name printed as one line of proc/iomem or memory-devices: no line breaks in it."""
+    if "\n" in text or "\r" in text:
+        raise MachineError(f"{key} = {text!r}: a name may not contain a newline (it would print as its own line)")
+    return text
+
+
 def _config(settings: dict[str, str], where: str) -> Config:
     try:
         return Config.of(settings)
@@ -186,6 +193,7 @@ def _resource(spec: dict[str, Any], where: str) -> Resource:
     _only(spec, _RES_KEYS, where)
     if "name" not in spec:
         raise MachineError(f"{where}: needs a name")
+    _one_line(_typed(spec["name"], str, f"{where}.name"), f"{where}.name")
     if "range" in spec:
         lo, _, hi = str(spec["range"]).partition("-")
         start, end = parse_addr(lo, "range start"), parse_addr(hi, "range end")
@@ -217,7 +225,7 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
     size_or_addr = (str, int)
     region_size = parse_size(_typed(spec["region_size"], size_or_addr, f"{where}.region_size"), "region_size")
     device = VirtioMemDevice(
-        id=_typed(spec.get("id", linux_name), str, f"{where}.id"),
+        id=_one_line(_typed(spec.get("id", linux_name), str, f"{where}.id"), f"{where}.id"),
         addr=parse_addr(_typed(spec["addr"], size_or_addr, f"{where}.addr")),
         region_size=region_size,
         block_size=parse_size(_typed(spec.get("block_size", "2M"), size_or_addr, f"{where}.block_size"),
@@ -228,7 +236,7 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
         node=_typed(spec.get("node", 0), int, f"{where}.node"),
         unplugged_inaccessible=_typed(spec.get("unplugged_inaccessible", True), bool,
                                       f"{where}.unplugged_inaccessible"),
-        memdev=_typed(spec.get("memdev"), str, f"{where}.memdev", optional=True),
+        memdev=_one_line(_typed(spec.get("memdev", ""), str, f"{where}.memdev"), f"{where}.memdev") or None,
         changed=machine.changed,
     )
     if device.addr + region_size > machine.size:

@@ -50,6 +50,9 @@ def _unmount(mnt: str) -> None:
         subprocess.run(["fusermount3", *args, mnt], capture_output=True, timeout=30)
         if wait_for(lambda: not mounted(mnt), 5):
             return
+    if not os.path.isdir(f"/sys/fs/fuse/connections/{conn}"):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"], capture_output=True,
+                       timeout=30)
     try:  # a daemon that stopped answering: abort its connection so no process stays in state D
         with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
             f.write("1")

@@ -100,7 +100,7 @@ def start(machine: Machine, mountpoint: str, allow_other: bool, log_setup: Calla
     return pid
 
 
-STOP_GRACE = 3.0  # seconds a stop waits for clients to let go before aborting the connection
+STOP_GRACE = 2.0  # seconds a stop waits for clients to let go before aborting the connection
 
 
 def serve(machine: Machine, mountpoint: str, allow_other: bool = False,
@@ -149,14 +149,14 @@ def _no_readahead(device: str | None, mountpoint: str) -> None:
 async def _main(ops: MemfsOps, mountpoint: str, device: str | None, ready: Callable[[], object] | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
-        nursery.start_soon(_stop_on_signal, mountpoint, device)
+        nursery.start_soon(_stop_on_signal, mountpoint, device, nursery.cancel_scope)
         if ready:
             ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(mountpoint: str, device: str | None) -> None:
+async def _stop_on_signal(mountpoint: str, device: str | None, scope: trio.CancelScope) -> None:
     """Stop without ever freezing a client.
 
     The loop keeps serving while the mount is detached: write-backs and
@@ -173,8 +173,18 @@ async def _stop_on_signal(mountpoint: str, device: str | None) -> None:
     await trio.to_thread.run_sync(_fusermount, mountpoint, True)
     await trio.sleep(STOP_GRACE)
     log.warning("clients still hold %s after %.0f s: aborting the FUSE connection", mountpoint, STOP_GRACE)
+    _abort(device, mountpoint)
+    # Stop serving: closing /dev/fuse aborts the connection too, should fusectl have failed.
+    scope.cancel()
+
+
+def _abort(device: str | None, mountpoint: str) -> None:
+    """Write fusectl's `abort` for the mount's connection (mounting fusectl if it is not)."""
+    connections = "/sys/fs/fuse/connections"
+    if not os.path.isdir(f"{connections}/{(device or ':').split(':')[1]}"):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], capture_output=True, timeout=10)
     try:
-        with open(f"/sys/fs/fuse/connections/{(device or ':').split(':')[1]}/abort", "w") as f:
+        with open(f"{connections}/{(device or ':').split(':')[1]}/abort", "w") as f:
             f.write("1")
     except OSError as e:
-        log.error("could not abort the FUSE connection of %s: %s", mountpoint, e)
+        log.error("could not abort the FUSE connection of %s: %s; closing it instead", mountpoint, e)

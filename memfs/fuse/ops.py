@@ -221,7 +221,7 @@ class MemfsOps(pyfuse3.Operations):
         data = self.machine.bus.load(start, size)
         try:
             # notify_store may wait for the page lock the write-back holds: not in a handler
-            await trio.to_thread.run_sync(pyfuse3.notify_store, ino, start, data)
+            await trio.to_thread.run_sync(pyfuse3.notify_store, ino, start, data, abandon_on_cancel=True)
         except OSError as e:
             log.warning("could not restore dropped writes at %#x: %s", start, e.strerror)
 
@@ -239,7 +239,7 @@ class MemfsOps(pyfuse3.Operations):
         if ino is None:
             return
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False, abandon_on_cancel=True)
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the kernel holds no such inode, nothing cached
                 raise
