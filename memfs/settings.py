@@ -56,6 +56,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("descend", "toplevel"), "descend"),
     Setting("memhp_default_state", "the boot parameter: what auto_online_blocks starts as "
             "(Debian 12's 6.1 lacks CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE)", ONLINE_TYPES, "offline"),
+    Setting("devmem_page_cache", "which opens of MOUNT/dev/mem go through the page cache (so MAP_SHARED works): "
+            "sync (O_SYNC/O_DSYNC opens, as mapping tools use; plain opens keep read_mem()'s whole-call rules) "
+            "or all (every open; a read running into a refused page returns a short count)", ("sync", "all"), "sync"),
     Setting("zone_normal_unmovable", "unmovable kernel allocations that land in the first hot-added block "
             "onlined to ZONE_NORMAL, per virtio-mem device (a size; what a 6.1 guest keeps after shrinking to 0)",
             None, f"{DEFAULT_UNMOVABLE_SIZE >> 20}M", check=lambda v: parse_size(v, "zone_normal_unmovable")),
@@ -115,6 +118,7 @@ class Config:
     strict_iomem_checks: bool
     region_intersects_descend: bool
     memhp_default_state: str
+    devmem_page_cache_all: bool
     zone_normal_unmovable: int
 
     @classmethod
@@ -123,7 +127,7 @@ class Config:
         v = resolve(given or {})
         return cls(tuple(v.items()), v["arch"], v["STRICT_DEVMEM"] == "y", v["IO_STRICT_DEVMEM"] == "y",
                    v["EXCLUSIVE_SYSTEM_RAM"] == "y", v["iomem"] == "strict", v["region_intersects"] == "descend",
-                   v["memhp_default_state"], parse_size(v["zone_normal_unmovable"]))
+                   v["memhp_default_state"], v["devmem_page_cache"] == "all", parse_size(v["zone_normal_unmovable"]))
 
     def describe(self) -> str:
         """`KEY=VALUE ...`, every setting, as the control file's banner shows them."""

@@ -1,0 +1,82 @@
+"""Issue 11 through real mounts: mappings from any open, unplug that stops short, platform devices."""
+from __future__ import annotations
+
+import errno
+import re
+import subprocess
+import sys
+import textwrap
+
+from conftest import memfs
+from test_mount_devmem import pread
+
+MIB, GIB = 1 << 20, 1 << 30
+BASE = 0x100000000
+HPET = 0xFED00000
+
+PLAIN_MAP = textwrap.dedent("""
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)          # no O_SYNC: what Python's mmap users and DMI scanners do
+    try:
+        m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, offset=int(sys.argv[2], 0))
+    except OSError as e:
+        print("errno", e.errno)
+        sys.exit(0)
+    if len(sys.argv) > 3:
+        m[:len(sys.argv[3])] = sys.argv[3].encode()
+    print(m[:8].hex())
+""")
+
+
+def plain_map(mnt, addr: int, store: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PLAIN_MAP, str(mnt / "dev/mem"), hex(addr),
+                           *([store] if store else [])], capture_output=True, text=True, timeout=60)
+
+
+def test_page_cache_setting_lets_plain_opens_map_shared(mount):
+    mnt = mount("--set", "devmem_page_cache=all")
+    done = plain_map(mnt, 0xFD000000, "written!")  # a free BAR: allowed, stores
+    assert done.returncode == 0 and bytes.fromhex(done.stdout.strip()) == b"written!", done.stderr
+    assert plain_map(mnt, 0xFD000000).stdout.strip() == b"written!".hex()
+    assert plain_map(mnt, 0x200000).returncode == -7  # System RAM: SIGBUS on the touch
+    off = mount()
+    assert plain_map(off, 0xFD000000).stdout.strip() == f"errno {errno.ENODEV}"  # direct_io: libfuse 3.14
+
+
+def test_hpet_page_reads_through_every_path(default_mnt):
+    mem = default_mnt / "dev/mem"
+    dd = subprocess.run(["dd", f"if={mem}", "bs=4096", f"skip={HPET // 4096}", "count=1", "status=none"],
+                        capture_output=True, timeout=60)
+    assert dd.returncode == 0 and len(dd.stdout) == 4096
+    assert len(pread(mem, 8, HPET)) == 8
+    devmem = memfs("run", str(default_mnt), "--", "busybox", "devmem", hex(HPET))
+    assert devmem.returncode == 0 and re.fullmatch(r"0x[0-9A-F]{8}\n", devmem.stdout), devmem.stderr
+
+
+def plugged_blocks(mnt) -> list[str]:
+    return re.findall(r"^  ([0-9a-f]+-[0-9a-f]+) : System RAM \(virtio_mem\)$", (mnt / "proc/iomem").read_text(), re.M)
+
+
+def plugged_size(mnt) -> int:
+    return int(re.search(r"^  size: (\d+)$", (mnt / "memory-devices").read_text(), re.M).group(1))
+
+
+def test_shrinking_in_zone_normal_stops_short_like_a_real_guest(mount):
+    mnt = mount()
+    done = memfs("ctl", str(mnt), "virtio0", "requested-size", "3G")
+    assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
+    for size in ("1G", "3G", "512M", "514M"):
+        assert memfs("ctl", str(mnt), "virtio0", "requested-size", size).returncode == 0
+    done = memfs("ctl", str(mnt), "virtio0", "requested-size", "0M")
+    assert done.returncode == 0 and done.stdout.startswith("partial:") and "unmovable" in done.stdout
+    assert plugged_blocks(mnt) == ["100000000-107ffffff"]
+    assert 10 * MIB <= plugged_size(mnt) <= 12 * MIB
+    assert (mnt / "sys/devices/system/memory/memory32/state").read_text() == "online\n"
+
+
+def test_shrinking_in_zone_movable_empties_completely(mount):
+    mnt = mount("--set", "memhp_default_state=online_movable")
+    for size in ("1G", "3G", "512M", "514M", "0M"):
+        done = memfs("ctl", str(mnt), "virtio0", "requested-size", size)
+        assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
+    assert plugged_blocks(mnt) == [] and plugged_size(mnt) == 0
