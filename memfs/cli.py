@@ -13,6 +13,7 @@ from collections.abc import Callable
 from . import settings
 from .loader import MachineError, load_machine
 from .machine import Machine
+from .physmem import Stores
 
 LOG_BYTES = 1 << 20  # per log file; one older file is kept
 
@@ -27,8 +28,8 @@ def _settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _machine(args: argparse.Namespace) -> Machine:
-    return load_machine(args.machine, args.iomem, _settings(args.set))
+def _machine(args: argparse.Namespace, stores: Stores | None = None) -> Machine:
+    return load_machine(args.machine, args.iomem, _settings(args.set), stores)
 
 
 def cmd_iomem(args: argparse.Namespace) -> int:
@@ -95,7 +96,14 @@ def default_log(mountpoint: str) -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .fuse import daemon
 
-    machine = _machine(args)
+    backing = None
+    if args.backing_dir:
+        from .journal import Backing
+
+        backing = Backing(args.backing_dir, args.mountpoint)
+    machine = _machine(args, backing.stores if backing else None)
+    if backing:
+        print(f"memfs: {backing.attach(machine)}", file=sys.stderr)
     note = daemon.prepare_mountpoint(args.mountpoint)
     if note:
         print(f"memfs: {note}", file=sys.stderr)
@@ -167,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     m.add_argument("--foreground", action="store_true", help="serve in this process")
     m.add_argument("--log", help="daemon log file (default: /tmp/memfs-MOUNTPOINT.log, one per mount)")
+    m.add_argument("--backing-dir", metavar="DIR",
+                   help="keep the machine in DIR so that it survives the daemon (even kill -9): memory in "
+                        "MAP_SHARED files (as QEMU's memory-backend-file), device and driver state as a "
+                        "journal of commands and sysfs stores, written before each is applied. Mounting "
+                        "again with the same DIR and the same --machine/--iomem/--set resumes the machine "
+                        "as it was; DIR of another machine, or in use by a live mount, is refused. Layout: "
+                        "memfs/journal.py")
     m.add_argument("-v", "--verbose", action="store_true", help="log every mount and command")
     m.set_defaults(func=cmd_mount)
 

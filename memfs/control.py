@@ -4,7 +4,8 @@ One command per write. A command either does what it says, or fails with an
 errno and a message and changes nothing; a requested-size change that the
 driver cannot fully reach is not a failure: its result says how far it got
 (as QEMU's qom-set succeeds and the guest converges on its own). A device is
-named by its Linux name (virtio0) or its QEMU id.
+named by its Linux name (virtio0) or its QEMU id. With a backing dir, every
+command but help is journaled before it runs (memfs.journal).
 
     DEV requested-size SIZE     qom-set DEV requested-size SIZE; the driver converges
     DEV plug ADDR SIZE          the driver plugs exactly that range
@@ -54,7 +55,15 @@ class Control:
             words = data.decode().split()
         except UnicodeDecodeError as e:
             raise ControlError(errno.EINVAL, f"not UTF-8 text (byte {e.start}): nothing was run") from None
-        return self._dispatch(words) + "\n"
+        if not words or words == ["help"]:
+            return self._dispatch(words) + "\n"
+        try:
+            # Journaled first (a machine with a backing dir), then run: memfs.journal.
+            with self.machine.logged({"ctl": " ".join(words)}):
+                return self._dispatch(words) + "\n"
+        except OSError as e:  # _dispatch turns its own into ControlError: this is the journal's
+            raise ControlError(e.errno or errno.EIO, f"cannot journal the command ({e.strerror or e}): "
+                                                     "nothing was run") from None
 
     def _dispatch(self, words: list[str]) -> str:
         if not words:

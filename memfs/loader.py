@@ -34,6 +34,7 @@ TOML machine file (every key optional unless stated):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -45,7 +46,7 @@ from .kernel.iomem import parse
 from .kernel.ioport import Resource, parse_desc, parse_flags
 from .kernel.resource import ResourceConflict, ResourceTree
 from .machine import Machine
-from .physmem import SparseMemory
+from .physmem import Stores
 from .settings import Config, SettingError
 from .units import parse_addr, parse_size
 from .virtio_mem.device import VirtioMemDevice
@@ -62,22 +63,58 @@ class MachineError(ValueError):
     """A machine description that cannot be built; the message names the problem."""
 
 
+class _Inputs:
+    """Every text a machine is built from, in the order read: what `Machine.description` hashes."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+
+    def add(self, text: str) -> str:
+        self.digests.append(hashlib.sha256(text.encode()).hexdigest())
+        return text
+
+    def read(self, path: Path) -> str:
+        return self.add(_read(path))
+
+    def data(self, name: str) -> str:
+        return self.add(resources.files("memfs.data").joinpath(name).read_text())
+
+
 def load_machine(machine_file: str | None = None, iomem_file: str | None = None,
-                 settings: dict[str, str] | None = None) -> Machine:
-    """The machine a mount serves; nothing is mounted or changed if this raises."""
+                 settings: dict[str, str] | None = None, stores: Stores | None = None) -> Machine:
+    """The machine a mount serves; nothing is mounted or changed if this raises.
+
+    `stores` says where its memory lives (default: anonymous memory). The
+    machine's `description` says what it was built from: the hashes of the
+    texts read (machine file, dumps), the settings given here, its name;
+    machines with equal descriptions are the same machine.
+    """
     settings = dict(settings or {})
+    stores = stores or Stores()
+    inputs = _Inputs()
     if machine_file and iomem_file:
         raise MachineError("give --machine or --iomem, not both")
     if iomem_file:
-        text = _read(Path(iomem_file))
+        text = inputs.read(Path(iomem_file))
         tree = _parse_dump(text, iomem_file)
-        return _finish(Machine(tree, _config(settings, iomem_file), _phys_bits(tree, None), name=Path(iomem_file).name,
-                               firmware=_firmware(tree, {}, iomem_file)))
-    if machine_file:
+        machine = _finish(Machine(tree, _config(settings, iomem_file), _phys_bits(tree, None),
+                                  name=Path(iomem_file).name, firmware=_firmware(tree, {}, iomem_file),
+                                  stores=stores))
+    elif machine_file:
         path = Path(machine_file)
-        return _from_toml(_read(path), path.parent, path.name, settings)
-    data = resources.files("memfs.data").joinpath(DEFAULT_MACHINE).read_text()
-    return _from_toml(data, None, "default", settings)
+        machine = _from_toml(inputs.read(path), path.parent, path.name, settings, inputs, stores)
+    else:
+        machine = _from_toml(inputs.data(DEFAULT_MACHINE), None, "default", settings, inputs, stores)
+    machine.description = {"name": machine.name, "inputs": inputs.digests, "settings": dict(sorted(settings.items())),
+                           "source": _source_words(machine_file, iomem_file, settings)}
+    return machine
+
+
+def _source_words(machine_file: str | None, iomem_file: str | None, settings: dict[str, str]) -> str:
+    """The mount options that give this machine, for messages."""
+    words = [f"--machine {machine_file}"] if machine_file else [f"--iomem {iomem_file}"] if iomem_file else []
+    words += [f"--set {k}={v}" for k, v in sorted(settings.items())]
+    return " ".join(words) or "(the built-in default machine)"
 
 
 def _firmware(tree: ResourceTree, spec: dict[str, Any], where: str) -> Firmware | None:
@@ -151,7 +188,8 @@ def _phys_bits(tree: ResourceTree, declared: int | None) -> int:
     return declared
 
 
-def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str, str]) -> Machine:
+def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str, str], inputs: _Inputs,
+               stores: Stores) -> Machine:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -163,7 +201,7 @@ def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str,
     if "iomem" in doc:
         dump = doc["iomem"]
         source = (base / dump) if base else None
-        text = _read(source) if source else resources.files("memfs.data").joinpath(dump).read_text()
+        text = inputs.read(source) if source else inputs.data(dump)
         tree = _parse_dump(text, f"{label}: {dump}")
     elif "iomem_text" in doc:
         tree = _parse_dump(doc["iomem_text"], f"{label}: iomem_text")
@@ -175,7 +213,8 @@ def _from_toml(text: str, base: Path | None, label: str, cli_settings: dict[str,
         machine = Machine(tree, _config(settings | cli_settings, label),
                           _phys_bits(tree, _typed(doc.get("phys_bits"), int, "phys_bits", optional=True)),
                           name=_typed(doc.get("name", label), str, "name"),
-                          firmware=_firmware(tree, _typed(doc.get("firmware", {}), dict, "firmware"), label))
+                          firmware=_firmware(tree, _typed(doc.get("firmware", {}), dict, "firmware"), label),
+                          stores=stores)
         for i, spec in enumerate(doc.get("virtio_mem", [])):
             _add_virtio_mem(machine, spec, f"virtio{i}", f"{label}: virtio_mem[{i}]")
     except (ValueError, OSError, ResourceConflict) as e:
@@ -230,7 +269,7 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
         region_size=region_size,
         block_size=parse_size(_typed(spec.get("block_size", "2M"), size_or_addr, f"{where}.block_size"),
                               "block_size"),
-        memory=SparseMemory(region_size),
+        memory=machine.stores.open(linux_name, region_size),
         requested_size=parse_size(_typed(spec.get("requested_size", 0), size_or_addr, f"{where}.requested_size"),
                                   "requested_size"),
         node=_typed(spec.get("node", 0), int, f"{where}.node"),

@@ -6,7 +6,10 @@ for plugging memory).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from .audit import Audit
 from .bus import Bus
@@ -15,10 +18,13 @@ from .firmware import Firmware
 from .kernel.mem import DevMem
 from .kernel.memory_hotplug import MemoryHotplug, max_pfn_end, memory_block_size_bytes
 from .kernel.resource import ResourceTree
-from .physmem import SparseMemory
+from .physmem import Stores
 from .settings import Config
 from .virtio_mem.device import VirtioMemDevice
 from .virtio_mem.driver import RunResult, VirtioMemDriver
+
+if TYPE_CHECKING:
+    from .journal import Journal
 
 
 @dataclass
@@ -31,7 +37,13 @@ class VirtioMem:
 
 @dataclass
 class Machine:
-    """The parts of one machine; `changed` is raised whenever what a physical range reads as changes."""
+    """The parts of one machine; `changed` is raised whenever what a physical range reads as changes.
+
+    `stores` says where memory lives (anonymous by default, files with a
+    backing dir); `description` is what the machine was built from (set by
+    the loader); `journal`, when set, records every state change before it
+    is applied (memfs.journal).
+    """
 
     tree: ResourceTree
     config: Config
@@ -39,11 +51,14 @@ class Machine:
     name: str = "machine"
     firmware: Firmware | None = None
     virtio: dict[str, VirtioMem] = field(default_factory=dict)
+    stores: Stores = field(default_factory=Stores)
 
     def __post_init__(self) -> None:
         self.changed = MemoryChanged()
         self.audit = Audit()
-        self.memory = SparseMemory(1 << self.phys_bits)
+        self.description: dict[str, Any] = {}
+        self.journal: Journal | None = None
+        self.memory = self.stores.open("ram", 1 << self.phys_bits)
         self.hotplug = MemoryHotplug(self.tree, memory_block_size_bytes(max_pfn_end(self.tree)),
                                      self.config.memhp_default_state, changed=self.changed)
         self.bus = Bus(self.tree, self.memory, self.firmware)
@@ -55,6 +70,18 @@ class Machine:
     def size(self) -> int:
         """Top of the physical address space (what st_size of dev/mem reports)."""
         return 1 << self.phys_bits
+
+    def logged(self, entry: dict[str, str]) -> ContextManager[None]:
+        """Around one state change: journal `entry` first, settle the journal after (no-op without one)."""
+        return nullcontext() if self.journal is None else self._logged(self.journal, entry)
+
+    @contextmanager
+    def _logged(self, journal: Journal, entry: dict[str, str]) -> Iterator[None]:
+        journal.record(entry)
+        try:
+            yield
+        finally:
+            journal.settle(self)
 
     def add_virtio_mem(self, linux_name: str, device: VirtioMemDevice) -> VirtioMem:
         """Plug a device in and bind the Linux driver to it (probed at boot())."""
