@@ -68,31 +68,24 @@ holds what the kernel had written back, as memory-backend-file without pmem.
 """
 from __future__ import annotations
 
-import collections
-import enum
 import errno
 import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
 import resource
 import shutil
 import time
-import types
-import zlib
 from collections.abc import Callable
 from typing import Any
 
-from .audit import Audit
-from .changes import MemoryChanged
 from .control import Control, ControlError
-from .firmware import Firmware
-from .loader import MachineError
 from .machine import Machine
-from .physmem import FileStores, SparseMemory
+from .physmem import FileStores
 from . import sysfs
+from .journal_file import BackingError, JournalError, _write_atomically, encode, read_journal
+from .statedigest import state_digest
+
 
 log = logging.getLogger("memfs.journal")
 
@@ -105,119 +98,6 @@ MEMORY_DIR = "memory"
 _OURS = {MACHINE_FILE, MACHINE_FILE + ".tmp", JOURNAL_FILE, JOURNAL_FILE + ".tmp", JOURNAL_FILE + APPLIED_SUFFIX,
          LOCK_FILE, MEMORY_DIR}
 _COMPARED = ("name", "inputs", "settings")
-
-
-class BackingError(MachineError):
-    """A backing dir that cannot be used (another machine's, in use, damaged); nothing was changed."""
-
-
-class JournalError(OSError):
-    """The journal could not record an input: it was not applied."""
-
-
-# -- the digest of the model state -------------------------------------------------------------
-
-class _Opaque(Exception):
-    """The model holds a value whose state the digest cannot see: no compaction."""
-
-
-# Derived caches (rebuilt from what they cache), counters that only tell caches to
-# rebuild, and diagnostics: none of them decides what the model does next.
-_SKIP_ATTRS = {
-    ("Machine", "description"), ("Machine", "journal"), ("Machine", "stores"),
-    ("ResourceTree", "generation"), ("Resource", "_ix"),
-    ("Bus", "_map"), ("Bus", "_generation"),
-    ("DevMem", "_generation"), ("DevMem", "_policy"), ("DevMem", "_memblock"),
-    ("VirtioMemDriver", "log"), ("VirtioMemDevice", "violations"),
-}
-# Memory contents (the files hold them), fixed firmware, wiring (listeners, callbacks).
-_SKIP_TYPES: tuple[type, ...] = (
-    SparseMemory, Firmware, Audit, MemoryChanged, types.FunctionType, types.MethodType,
-    types.BuiltinFunctionType, types.BuiltinMethodType, functools.partial,
-)
-_VALUES = (bool, int, float, str, type(None))
-
-
-def state_digest(machine: Machine) -> bytes | None:
-    """A digest of everything the model's future behaviour depends on; None if some part is opaque.
-
-    Equal digests mean equal states: the same inputs from there on do the same.
-    Order, sharing and types all count, so a difference that may not matter
-    still tells states apart (the safe way round: a cycle missed, never one
-    made up). Set elements are hashed sorted: the model's results do not
-    depend on set order (they could not be replayed if they did).
-    """
-    h = hashlib.blake2b(digest_size=20)
-    try:
-        _walk(machine, h, {})
-    except (_Opaque, RecursionError) as e:
-        log.warning("model state not digestable (%s): the journal is not compacted", e)
-        return None
-    return h.digest()
-
-
-def _walk(obj: object, h: Any, memo: dict[int, int]) -> None:
-    t = type(obj)
-    if t in _VALUES:
-        h.update(f"{t.__name__}:{obj!r};".encode())
-        return
-    if t is bytes or t is bytearray:
-        assert isinstance(obj, (bytes, bytearray))
-        h.update(f"{t.__name__}:{len(obj)}:".encode())
-        h.update(obj)
-        return
-    if isinstance(obj, _SKIP_TYPES):
-        h.update(b"-;")
-        return
-    if isinstance(obj, enum.Enum):
-        h.update(f"{t.__qualname__}.{obj.name};".encode())
-        return
-    seen = memo.get(id(obj))
-    if seen is not None:
-        h.update(f"@{seen};".encode())
-        return
-    memo[id(obj)] = len(memo)
-    h.update(f"{t.__module__}.{t.__qualname__}".encode())
-    # Containers (and their subclasses: a SortedDict's items are not in its __dict__)...
-    if isinstance(obj, (list, tuple, collections.deque)):
-        h.update(f"[{len(obj)}".encode())
-        for item in obj:
-            _walk(item, h, memo)
-        h.update(b"]")
-    elif isinstance(obj, dict):
-        h.update(f"{{{len(obj)}".encode())
-        for key, value in obj.items():
-            _walk(key, h, memo)
-            _walk(value, h, memo)
-        h.update(b"}")
-    elif isinstance(obj, (set, frozenset)):
-        try:
-            items = sorted(obj)
-        except TypeError:
-            raise _Opaque(f"a {t.__name__} of unorderable values") from None
-        h.update(f"{{{len(items)}".encode())
-        for item in items:
-            _walk(item, h, memo)
-        h.update(b"}")
-    elif t is range or isinstance(obj, (int, float, complex, str, bytes, bytearray)):
-        h.update(f"{obj!r};".encode())   # a range, or the value of a subclass of a value type
-    elif t is not object and not hasattr(obj, "__dict__") and not getattr(t, "__slots__", None):
-        raise _Opaque(f"a {t.__module__}.{t.__qualname__}")
-    # ...then the attributes of any object (a plain object() has none: an identity token).
-    fields = dict(getattr(obj, "__dict__", {}))
-    for klass in t.__mro__:
-        slots = getattr(klass, "__slots__", ())
-        for slot in (slots,) if isinstance(slots, str) else slots:
-            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
-                fields[slot] = getattr(obj, slot)
-    h.update(b"(")
-    for name in sorted(fields):
-        value = fields[name]
-        if (t.__name__, name) in _SKIP_ATTRS or isinstance(value, _SKIP_TYPES):
-            continue  # so that adding a listener or a cache is no change of state
-        h.update(f"{name}=".encode())
-        _walk(value, h, memo)
-    h.update(b")")
 
 
 # -- replaying one input ----------------------------------------------------------------------
@@ -237,74 +117,6 @@ def apply(machine: Machine, entry: dict[str, Any]) -> None:
         raise
     except Exception:  # the live run hit the same bug, and answered EIO
         log.exception("replaying %r failed, as it did when it was first run", entry)
-
-
-# -- the journal file -------------------------------------------------------------------------
-
-def encode(entry: dict[str, Any]) -> bytes:
-    """One journal line: JSON, a space, its CRC-32, a newline."""
-    payload = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-    return payload + b" %08x\n" % zlib.crc32(payload)
-
-
-def decode(line: bytes) -> dict[str, Any] | None:
-    """The entry of one line (without its newline), or None if it does not check out."""
-    payload, sep, crc = line.rpartition(b" ")
-    if not sep or len(crc) != 8:
-        return None
-    try:
-        if int(crc, 16) != zlib.crc32(payload):
-            return None
-        entry = json.loads(payload)
-    except ValueError:
-        return None
-    return entry if isinstance(entry, dict) else None
-
-
-def read_journal(data: bytes, where: str) -> tuple[list[bytes], list[dict[str, Any]], int]:
-    """The good lines of a journal's bytes, their entries, and how many bytes after them are torn.
-
-    A crash can only tear the end: a bad line followed by a good one is damage.
-    """
-    lines: list[bytes] = []
-    entries: list[dict[str, Any]] = []
-    pos = 0
-    bad_at: int | None = None
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl < 0 else nl + 1
-        entry = decode(data[pos:end - 1]) if nl >= 0 else None
-        if entry is None:
-            if bad_at is None:
-                bad_at = pos
-        elif bad_at is not None:
-            raise BackingError(f"{where}: line {len(lines) + 1} is damaged but later lines are not "
-                               "(not a torn last write): refusing to guess the state")
-        else:
-            lines.append(data[pos:end])
-            entries.append(entry)
-        pos = end
-    return lines, entries, 0 if bad_at is None else len(data) - bad_at
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
 
 
 class Journal:

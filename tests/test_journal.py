@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from memfs import status, sysfs
 from memfs.control import Control, ControlError
-from memfs.journal import Backing, BackingError, Journal, decode, encode, read_journal, state_digest
+from memfs.journal import Backing, Journal
+from memfs.journal_file import BackingError, decode, encode, read_journal
+from memfs.statedigest import state_digest
 from memfs.kernel.iomem import render
 from memfs.kernel.mem import BusFault
 from memfs.loader import MachineError, load_machine
