@@ -46,6 +46,7 @@ from .kernel.iomem import parse
 from .kernel.ioport import Resource, parse_desc, parse_flags
 from .kernel.resource import ResourceConflict, ResourceTree
 from .machine import Machine
+from .pci import add_virtio_pci_function
 from .physmem import Stores
 from .settings import Config, SettingError
 from .units import parse_addr, parse_size
@@ -280,6 +281,7 @@ def _add_virtio_mem(machine: Machine, spec: dict[str, Any], linux_name: str, whe
     )
     if device.addr + region_size > machine.size:
         raise MachineError(f"{where}: region ends above the {machine.phys_bits}-bit address space")
+    add_virtio_pci_function(machine.tree, len(machine.virtio))
     machine.add_virtio_mem(linux_name, device)
 
 

@@ -80,3 +80,31 @@ def test_shrinking_in_zone_movable_empties_completely(mount):
         done = memfs("ctl", str(mnt), "virtio0", "requested-size", size)
         assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
     assert plugged_blocks(mnt) == [] and plugged_size(mnt) == 0
+
+
+def test_every_device_addressable_by_qemu_id_with_its_own_pci_function(mount, tmp_path):
+    from conftest import QEMU_Q35_2G
+
+    toml = tmp_path / "two.toml"
+    toml.write_text(textwrap.dedent(f"""
+        iomem = "{QEMU_Q35_2G}"
+        [[virtio_mem]]
+        id = "vmem0"
+        addr = "0x100000000"
+        region_size = "1G"
+        requested_size = "256M"
+        [[virtio_mem]]
+        id = "vmem1"
+        addr = "0x140000000"
+        region_size = "1G"
+        requested_size = "128M"
+    """))
+    mnt = mount("--machine", str(toml))
+    done = memfs("ctl", str(mnt), "vmem1", "requested-size", "1G")
+    assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
+    text = (mnt / "proc/iomem").read_text()
+    assert "140000000-17fffffff : virtio1\n  140000000-17fffffff : System RAM (virtio_mem)\n" in text
+    # the observed dump's function serves the first device; the second gets the next slot and BAR
+    assert ("  fe000000-fe003fff : 0000:00:02.0\n    fe000000-fe003fff : virtio-pci-modern\n"
+            "  fe004000-fe007fff : 0000:00:03.0\n    fe004000-fe007fff : virtio-pci-modern\n") in text
+    assert memfs("ctl", str(mnt), "vmem7", "unplug-all").returncode == 1
