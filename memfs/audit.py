@@ -11,6 +11,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("memfs.audit")
 
@@ -39,8 +40,9 @@ class Opener:
 KERNEL = Opener(0, "memfs", 0)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    """One refusal; a plain tuple until someone reads it (line() formats it then)."""
+
     when: float
     opener: Opener
     op: str
@@ -86,23 +88,38 @@ class Audit:
     """The most recent `limit` records; the log gets them rate-limited per rule and process."""
 
     def __init__(self, limit: int = 1000) -> None:
-        self.records: collections.deque[Record] = collections.deque(maxlen=limit)
+        # Record fields as plain tuples (a tuple display costs a tenth of Record()); records() has Records.
+        self._records: collections.deque[tuple[float, Opener, str, int, int, str, str]] = collections.deque(
+            maxlen=limit)
         self.total = 0
         self._ratelimit = RateLimit()
 
     def refuse(self, opener: Opener, op: str, start: int, end: int, errno_name: str, rule: str) -> None:
-        """Record one refusal; log it unless its (rule, pid) is over the rate limit."""
+        """Record one refusal; log it unless its (rule, pid) is over the rate limit.
+
+        On the path of every refused access, so it stores the fields and no more: the
+        text is made when the record is read (text()) or logged."""
         now = time.time()
-        record = Record(now, opener, op, start, end, errno_name, rule)
-        self.records.append(record)
+        self._records.append((now, opener, op, start, end, errno_name, rule))
         self.total += 1
-        show, suppressed = self._ratelimit((rule, opener.pid), now)
+        limit = self._ratelimit
+        state = limit._state.get((rule, opener.pid))
+        if state is not None and state[1] >= limit.burst and now - state[0] < limit.interval:
+            state[2] += 1  # over the limit in this interval: counted, not logged (the common case in a flood)
+            return
+        show, suppressed = limit((rule, opener.pid), now)
         if suppressed:
             log.warning("%d refusals suppressed: pid=%d comm=%s: %s", suppressed, opener.pid, opener.comm, rule)
         if show:
-            log.warning("refused %s", record.line().rstrip())
+            log.warning("refused %s", Record(*self._records[-1]).line().rstrip())
+
+    @property
+    def records(self) -> list[Record]:
+        """The kept records, oldest first."""
+        return [Record(*r) for r in self._records]
 
     def text(self) -> str:
-        dropped = self.total - len(self.records)
+        records = self.records
+        dropped = self.total - len(records)
         head = f"# {self.total} refused accesses" + (f", oldest {dropped} dropped" if dropped else "") + "\n"
-        return head + "".join(r.line() for r in self.records)
+        return head + "".join(r.line() for r in records)

@@ -22,6 +22,7 @@ from typing import Protocol
 from .kernel.ioport import (IORES_DESC_ACPI_NV_STORAGE, IORES_DESC_ACPI_TABLES, IORES_DESC_RESERVED,
                             IORESOURCE_READONLY, IORESOURCE_SYSRAM, IORESOURCE_WINDOW, Resource)
 from .kernel.mem import BusFault
+from .kernel.resindex import splice_runs, union
 from .kernel.resource import ResourceTree
 from .kernel.sizes import PAGE_SIZE
 from .physmem import SparseMemory
@@ -68,25 +69,80 @@ def firmware_bytes(offset: int, length: int) -> bytes:
     return data[skip:skip + length]
 
 
+Content = tuple[Kind, "VirtioMemDevice | None"]
+_TOP = 1 << 64
+_FLOAT_PAGE = b"\xff" * PAGE_SIZE  # bytes are immutable: every page-sized read of the floating bus shares it
+
+
 class ContentMap:
-    """Kinds over the address space as sorted runs: (start, kind, device or None)."""
+    """Kinds over the address space as sorted runs: (start, kind, device or None).
+
+    Like devmem.PolicyMap it follows the tree's changes range by range:
+    `invalidate(start, end)` marks a range, `update()` redoes the marked
+    ranges from the resources overlapping them.
+    """
 
     def __init__(self, tree: ResourceTree, devices: Sequence[VirtioMemDevice]) -> None:
+        self.tree = tree
         cuts = {0}
         for start, end in tree.boundaries():
             cuts.update((start, end + 1))
-        spans = sorted((d.addr, d.addr + d.region_size - 1, d) for d in devices)
-        for start, end, _ in spans:
+        self.spans = sorted(((d.addr, d.addr + d.region_size - 1, d) for d in devices), key=lambda s: s[0])
+        self._span_starts = [start for start, _, _ in self.spans]
+        for start, end, _ in self.spans:
             cuts.update((start, end + 1))
         self.starts: list[int] = []
-        self.kinds: list[tuple[Kind, VirtioMemDevice | None]] = []
-        for addr in sorted(c for c in cuts if c < 1 << 64):
-            i = bisect.bisect_right(spans, addr, key=lambda s: s[0]) - 1
-            device = spans[i][2] if i >= 0 and addr <= spans[i][1] else None
-            kind = (Kind.DEVICE, device) if device is not None else (classify(tree.lookup(addr)), None)
+        self.kinds: list[Content] = []
+        for addr in sorted(c for c in cuts if c < _TOP):
+            kind = self._kind(addr)
             if not self.kinds or kind != self.kinds[-1]:
                 self.starts.append(addr)
                 self.kinds.append(kind)
+        self.pending: list[tuple[int, int]] = []
+        # The run of the last lookup: (start, last byte, kind, device).
+        self.hit: tuple[int, int, Kind, VirtioMemDevice | None] = (0, -1, Kind.FLOAT, None)
+
+    def _kind(self, addr: int) -> Content:
+        spans = self.spans
+        i = bisect.bisect_right(self._span_starts, addr) - 1
+        device = spans[i][2] if i >= 0 and addr <= spans[i][1] else None
+        return (Kind.DEVICE, device) if device is not None else (classify(self.tree.lookup(addr)), None)
+
+    def invalidate(self, start: int, end: int) -> None:
+        """The tree changed what overlaps [start, end]: redo that range at the next update()."""
+        self.pending.append((start, end))
+        self.hit = (0, -1, Kind.FLOAT, None)
+        if len(self.pending) > 4096:
+            self.pending = union(self.pending)
+
+    def update(self) -> None:
+        if self.pending:
+            dirty, self.pending = union(self.pending), []
+            self.starts, self.kinds = splice_runs(self.starts, self.kinds, dirty, self._evaluate, _TOP)
+            self.hit = (0, -1, Kind.FLOAT, None)
+
+    def _evaluate(self, lo: int, hi: int) -> Iterator[tuple[int, Content]]:
+        cuts = {lo}
+        for r in self.tree.overlapping(lo, hi):
+            for c in (r.start, r.end + 1):
+                if lo < c <= hi:
+                    cuts.add(c)
+        for start, end, _ in self.spans:
+            for c in (start, end + 1):
+                if lo < c <= hi:
+                    cuts.add(c)
+        return ((addr, self._kind(addr)) for addr in sorted(cuts))
+
+    def run(self, addr: int) -> tuple[int, int, Kind, VirtioMemDevice | None]:
+        """(start, last byte, kind, device) of the run holding addr."""
+        hit = self.hit
+        if hit[0] <= addr <= hit[1]:
+            return hit
+        starts = self.starts
+        i = bisect.bisect_right(starts, addr) - 1
+        kind, device = self.kinds[i]
+        hit = self.hit = (starts[i], starts[i + 1] - 1 if i + 1 < len(starts) else _TOP - 1, kind, device)
+        return hit
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, Kind, VirtioMemDevice | None]]:
         """(start, length, kind, device) pieces covering [offset, offset+length)."""
@@ -94,7 +150,7 @@ class ContentMap:
         i = bisect.bisect_right(self.starts, offset) - 1
         pos = offset
         while pos < end:
-            stop = self.starts[i + 1] if i + 1 < len(self.starts) else 1 << 64
+            stop = self.starts[i + 1] if i + 1 < len(self.starts) else _TOP
             n = min(stop, end) - pos
             kind, device = self.kinds[i]
             yield pos, n, kind, device
@@ -111,36 +167,59 @@ class Bus:
         self.firmware = firmware
         self.devices: list[VirtioMemDevice] = []
         self._map: ContentMap | None = None
-        self._generation = -1
+        tree.on_change(self._tree_changed)
 
     def attach(self, device: VirtioMemDevice) -> None:
         """Put a virtio-mem device on the bus: its region is the device's from now on."""
         self.devices.append(device)
         self._map = None
 
+    def _tree_changed(self, start: int, end: int) -> None:
+        if self._map is not None:
+            self._map.invalidate(start, end)
+
     def _content(self) -> ContentMap:
-        if self._map is None or self._generation != self.tree.generation:
-            self._map = ContentMap(self.tree, self.devices)
-            self._generation = self.tree.generation
-        return self._map
+        content = self._map
+        if content is None:
+            content = self._map = ContentMap(self.tree, self.devices)
+        elif content.pending:
+            content.update()
+        return content
+
+    def prepare(self) -> None:
+        """Build what the first access would otherwise build (a mount does this before serving)."""
+        self._content()
 
     def load(self, addr: int, size: int) -> bytes:
         """PhysBus.load(): raises BusFault on unplugged, inaccessible virtio-mem memory."""
-        parts = []
-        for start, n, kind, device in self._content().runs(addr, size):
-            if kind is Kind.RAM or kind is Kind.MMIO:
-                parts.append(self.memory.read(start, n))
-            elif kind is Kind.FIRMWARE:
-                parts.append(self._firmware(start, n))
-            elif kind is Kind.FLOAT:
-                parts.append(b"\xff" * n)
-            else:
-                assert device is not None
-                try:
-                    parts.append(device.guest_read(start, n))
-                except UnpluggedAccess as e:
-                    raise BusFault(e.addr, e.strerror or str(e)) from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        content = self._map
+        if content is None or content.pending:
+            content = self._content()
+        run = content.hit  # the run of the last access, where most accesses land again
+        if not run[0] <= addr <= addr + size - 1 <= run[1]:
+            if size <= 0:
+                return b""
+            run = content.run(addr)
+            if addr + size - 1 > run[1]:
+                parts = [self._load(start, n, kind, device) for start, n, kind, device in content.runs(addr, size)]
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+        kind = run[2]
+        if kind is Kind.RAM or kind is Kind.MMIO:
+            return self.memory.read(addr, size)
+        return self._load(addr, size, kind, run[3])
+
+    def _load(self, start: int, n: int, kind: Kind, device: VirtioMemDevice | None) -> bytes:
+        if kind is Kind.RAM or kind is Kind.MMIO:
+            return self.memory.read(start, n)
+        if kind is Kind.FLOAT:
+            return _FLOAT_PAGE if n == PAGE_SIZE else b"\xff" * n
+        if kind is Kind.FIRMWARE:
+            return self._firmware(start, n)
+        assert device is not None
+        try:
+            return device.guest_read(start, n)
+        except UnpluggedAccess as e:
+            raise BusFault(e.addr, e.strerror or str(e)) from None
 
     def store(self, addr: int, data: bytes | memoryview) -> None:
         """PhysBus.store(): firmware and the floating bus drop writes; raises BusFault as load() does."""

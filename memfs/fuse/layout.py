@@ -11,6 +11,7 @@ from .. import meminfo, memmap, status, sysfs
 from ..audit import Opener
 from ..control import Control
 from ..kernel.iomem import render
+from ..kernel.resource import ResourceTree
 from ..machine import Machine
 from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
 from .nodes import ControlFile, DevMemHandle, Dir, Handle, Node, REG, SysfsAttr, TextFile, fixed_dir
@@ -37,8 +38,23 @@ class DevMemFile(Node):
         return self.handle(opener, bool(flags & os.O_DSYNC) or self.page_cache_all)
 
 
-def _iomem(machine: Machine) -> Callable[[Opener], str]:
-    return lambda opener: render(machine.tree, has_capability(opener.pid, CAP_SYS_ADMIN))
+class _IomemText:
+    """proc/iomem as an opener sees it: one rendered text per (tree generation, privileged),
+    shared by every open made while it is current. An open keeps the text it got (a
+    snapshot), so a change to the tree only makes the next open render anew; texts no open
+    holds any more are freed."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self._texts: dict[bool, tuple[ResourceTree, int, bytes]] = {}
+
+    def __call__(self, opener: Opener) -> bytes:
+        privileged = has_capability(opener.pid, CAP_SYS_ADMIN)
+        tree = self.machine.tree
+        cached = self._texts.get(privileged)
+        if cached is None or cached[0] is not tree or cached[1] != tree.generation:
+            cached = self._texts[privileged] = (tree, tree.generation, render(tree, privileged).encode())
+        return cached[2]
 
 
 def _attrs(attrs: list[sysfs.Attr]) -> Iterator[tuple[str, Node]]:
@@ -84,7 +100,7 @@ def build(machine: Machine, devmem: DevMemFile) -> Dir:
     control = Control(machine)
     return fixed_dir({
         "dev": fixed_dir({"mem": devmem}, 0o755),
-        "proc": fixed_dir({"iomem": TextFile(_iomem(machine)),
+        "proc": fixed_dir({"iomem": TextFile(_IomemText(machine)),
                            "meminfo": TextFile(lambda _: meminfo.meminfo(machine))}),
         "sys": fixed_dir({"devices": fixed_dir({"system": fixed_dir({"memory": _memory_dir(machine)})}),
                           "firmware": _firmware_dir(machine)}),

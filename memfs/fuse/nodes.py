@@ -20,7 +20,7 @@ import pyfuse3
 
 from ..audit import Opener
 from ..control import Control, ControlError
-from ..kernel.mem import AccessError
+from ..kernel.mem import AccessError, Refusal
 from ..machine import Machine
 from .creds import CAP_SYS_RAWIO, has_capability
 
@@ -215,20 +215,29 @@ class DevMemHandle(Handle):
         self.direct_io = not self.mapped
         self.refaults = RefaultGuard(self.opener)
 
-    def _refused(self, op: str, e: AccessError) -> pyfuse3.FUSEError:
+    def _refused(self, op: str, e: AccessError | Refusal) -> pyfuse3.FUSEError:
         err = e.errno or errno.EIO
         self.machine.audit.refuse(self.opener, op, e.start, e.end, errno.errorcode[err], e.rule)
         return pyfuse3.FUSEError(err)
 
+    def read_now(self, off: int, size: int) -> bytes:
+        """A read with nothing to wait for: what read() does once coherent() has run (or when it
+        has nothing to do: a page-cache open, or no page-cache open anywhere)."""
+        devmem = self.machine.devmem
+        if not self.mapped:
+            result = devmem.try_read_mem(off, size)
+            if isinstance(result, Refusal):
+                raise self._refused("read", result)
+            return result
+        try:
+            return devmem.load_mapped(off, size)
+        except AccessError as e:
+            self.refaults.refused(off)
+            raise self._refused("map-read", e) from None
+
     async def read(self, off: int, size: int) -> bytes:
         await self.coherent(self)
-        devmem = self.machine.devmem
-        try:
-            return devmem.load_mapped(off, size) if self.mapped else devmem.read_mem(off, size)
-        except AccessError as e:
-            if self.mapped:
-                self.refaults.refused(off)
-            raise self._refused("map-read" if self.mapped else "read", e) from None
+        return self.read_now(off, size)
 
     async def write(self, off: int, buf: bytes) -> int:
         await self.coherent(self)

@@ -23,12 +23,26 @@ def render(tree: ResourceTree, privileged: bool) -> str:
     An opener without CAP_SYS_ADMIN sees every address as zero.
     """
     width = 4 if tree.root.end < 0x10000 else 8
-    zero = f"{0:0{width}x}-{0:0{width}x}"
-    lines = []
-    for r, depth in tree.walk():
-        indent = "  " * min(depth, MAX_IORES_LEVEL)
-        span = f"{r.start:0{width}x}-{r.end:0{width}x}" if privileged else zero
-        lines.append(f"{indent}{span} : {'<BAD>' if r.name is None else r.name}\n")
+    if privileged:
+        line = f"%s%0{width}x-%0{width}x : %s\n"
+    else:
+        line = f"%s{0:0{width}x}-{0:0{width}x} : %s\n"
+    indents = ["  " * min(depth, MAX_IORES_LEVEL) for depth in range(MAX_IORES_LEVEL + 1)]
+    lines: list[str] = []
+    append = lines.append
+    # pre-order, as tree.walk(), without a tuple per resource: one iterator per open level
+    stack = [iter(tree.root.children)]
+    while stack:
+        depth = len(stack) - 1
+        indent = indents[min(depth, MAX_IORES_LEVEL)]
+        for r in stack[-1]:
+            name = "<BAD>" if r.name is None else r.name
+            append(line % (indent, r.start, r.end, name) if privileged else line % (indent, name))
+            if r.children:
+                stack.append(iter(r.children))
+                break
+        else:
+            stack.pop()
     return "".join(lines)
 
 

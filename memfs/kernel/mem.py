@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..settings import Config
 from .devmem import ALLOWED, PolicyMap, Verdict
@@ -22,6 +22,7 @@ from .sizes import PAGE_SHIFT
 
 ARM64_PHYS_MASK_SHIFT = 48
 _U64 = 1 << 64
+_ZERO_PAGE = bytes(1 << PAGE_SHIFT)  # immutable: shared by every page-sized zero-filled read
 
 
 class AccessError(OSError):
@@ -32,6 +33,26 @@ class AccessError(OSError):
         self.rule = rule
         self.start = start
         self.end = end
+
+
+class Refusal(NamedTuple):
+    """An AccessError not raised (yet): what try_read_mem() answers, cheap to make."""
+
+    errno: int
+    rule: str
+    start: int
+    end: int
+
+    def error(self) -> AccessError:
+        return AccessError(self.errno, self.rule, self.start, self.end)
+
+
+def _refusal(err: int, rule: str, start: int, end: int) -> Refusal:
+    """Refusal(...) without the generated __new__ (a refused read's cost is mostly such calls)."""
+    return _new_tuple(Refusal, (err, rule, start, end))
+
+
+_new_tuple = tuple.__new__
 
 
 class BusFault(Exception):
@@ -57,8 +78,9 @@ class DevMem:
     """/dev/mem of one machine: mem.c's functions over its tree, settings and bus.
 
     `high_memory_end` gives the last byte below x86 high_memory (it moves
-    with memory hotplug). Derived maps are rebuilt when the tree's
-    generation changes.
+    with memory hotplug). The policy map follows the tree's changes: each
+    change marks its address range (ResourceTree.on_change) and the next
+    access redoes that range only.
     """
 
     def __init__(self, tree: ResourceTree, config: Config, bus: PhysBus, phys_bits: int,
@@ -68,16 +90,27 @@ class DevMem:
         self.bus = bus
         self.phys_bits = phys_bits
         self.high_memory_end = high_memory_end
-        self._generation = -1
+        self._generation = -1  # of _memblock
         self._policy: PolicyMap | None = None
         self._memblock: list[tuple[int, int]] = []
+        tree.on_change(self._tree_changed)
+
+    def _tree_changed(self, start: int, end: int) -> None:
+        if self._policy is not None:
+            self._policy.invalidate(start, end)
 
     def _fresh(self) -> PolicyMap:
-        if self._policy is None or self._generation != self.tree.generation:
-            self._policy = PolicyMap(self.tree, self.config)
-            self._memblock = union((r.start, r.end) for r in self.tree.walk_system_ram_res())
-            self._generation = self.tree.generation
-        return self._policy
+        policy = self._policy
+        if policy is None:
+            policy = self._policy = PolicyMap(self.tree, self.config)
+        elif policy.pending:
+            policy.update()
+        return policy
+
+    def prepare(self) -> None:
+        """Build what the first access would otherwise build (a mount does this before serving)."""
+        if self.config.strict_devmem or self.config.arch != "x86_64":
+            self._fresh()
 
     # -- validity helpers (spec 4.3) -----------------------------------------
 
@@ -85,7 +118,9 @@ class DevMem:
         """x86: addr + count - 1 <= __pa(high_memory - 1) in u64; arm64: inside one memblock region."""
         if self.config.arch == "x86_64":
             return (addr + count - 1) % _U64 <= self.high_memory_end()
-        self._fresh()
+        if self._generation != self.tree.generation:
+            self._memblock = union((r.start, r.end) for r in self.tree.walk_system_ram_res())
+            self._generation = self.tree.generation
         return any(start <= addr and addr + count - 1 <= end for start, end in self._memblock)
 
     def valid_mmap_phys_addr_range(self, pfn: int, size: int) -> bool:
@@ -106,11 +141,18 @@ class DevMem:
 
     def page_is_allowed(self, pfn: int) -> Verdict:
         """page_is_allowed(): 0 refused, 1 allowed, 2 zero-filled, with the rule."""
-        return next(self.page_is_allowed_runs(pfn, pfn))[2]
+        if not self.config.strict_devmem:
+            return ALLOWED
+        return self._fresh().run(pfn)[2]
 
     def range_is_allowed(self, pfn: int, size: int) -> Verdict:
         """range_is_allowed(): the first refusing page's verdict, else ALLOWED (2 counts as allowed)."""
         last = ((pfn << PAGE_SHIFT) + size - 1) >> PAGE_SHIFT
+        if not self.config.strict_devmem:
+            return ALLOWED
+        first, end, verdict = self._fresh().run(pfn)
+        if last <= end:  # one run: the common case
+            return verdict if verdict.allowed == 0 else ALLOWED
         return next((v for _, _, v in self.page_is_allowed_runs(pfn, last) if v.allowed == 0), ALLOWED)
 
     def phys_mem_access_prot_allowed(self, pfn: int, size: int) -> Verdict:
@@ -126,22 +168,56 @@ class DevMem:
 
     def read_mem(self, p: int, count: int) -> bytes:
         """read_mem(): the bytes, or AccessError for the whole call (EFAULT, EPERM) with nothing read."""
+        result = self.try_read_mem(p, count)
+        if isinstance(result, Refusal):
+            raise result.error()
+        return result
+
+    def try_read_mem(self, p: int, count: int) -> bytes | Refusal:
+        """read_mem(), with a refusal returned rather than raised (the FUSE adapter's path: a
+        refused read should cost no more than an allowed one)."""
         end = p + count - 1
-        if not self.valid_phys_addr_range(p, count):
-            raise AccessError(errno.EFAULT, f"valid_phys_addr_range: beyond high_memory "
-                                            f"({self.high_memory_end() + 1:#x})", p, end)
+        if not (end % _U64 <= self.high_memory_end() if self.config.arch == "x86_64"
+                else self.valid_phys_addr_range(p, count)):
+            return _refusal(errno.EFAULT, f"valid_phys_addr_range: beyond high_memory "
+                                         f"({self.high_memory_end() + 1:#x})", p, end)
+        if count <= 0:
+            return b""
+        if not self.config.strict_devmem:
+            verdict = ALLOWED
+        else:
+            policy = self._policy
+            if policy is None or policy.pending:
+                policy = self._fresh()
+            run = policy.hit  # the run of the last access, where most accesses land again
+            if not run[0] <= p >> PAGE_SHIFT <= end >> PAGE_SHIFT <= run[1]:
+                run = policy.run(p >> PAGE_SHIFT)
+                if end >> PAGE_SHIFT > run[1]:  # more than one run: the kernel's loop, a run at a time
+                    return self._read_runs(policy, p, end)
+            verdict = run[2]
+        # One run: [p, end] is all allowed, all zero-filled or all refused.
+        if verdict.allowed == 1:
+            try:
+                return self.bus.load(p, count)
+            except BusFault as e:
+                return _refusal(errno.EFAULT, e.reason, e.addr, end)
+        if verdict.allowed == 2:  # "Show zeros for restricted memory."
+            return _ZERO_PAGE if count == len(_ZERO_PAGE) else bytes(count)
+        return _refusal(errno.EPERM, verdict.rule, p, end)
+
+    def _read_runs(self, policy: PolicyMap, p: int, end: int) -> bytes | Refusal:
         parts = []
-        for first, last, verdict in self.page_is_allowed_runs(p >> PAGE_SHIFT, end >> PAGE_SHIFT) if count else ():
+        for first, last, verdict in policy.runs(p >> PAGE_SHIFT, end >> PAGE_SHIFT):
             start, stop = max(p, first << PAGE_SHIFT), min(end + 1, (last + 1) << PAGE_SHIFT)
             if verdict.allowed == 0:
-                raise AccessError(errno.EPERM, verdict.rule, start, stop - 1)
+                return _refusal(errno.EPERM, verdict.rule, start, stop - 1)
             if verdict.allowed == 2:
                 parts.append(bytes(stop - start))  # "Show zeros for restricted memory."
                 continue
             try:
                 parts.append(self.bus.load(start, stop - start))
             except BusFault as e:
-                raise AccessError(errno.EFAULT, e.reason, e.addr, stop - 1) from None
+                return _refusal(errno.EFAULT, e.reason, e.addr, stop - 1)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write_mem(self, p: int, data: bytes | memoryview) -> int:

@@ -8,7 +8,8 @@ this index instead. It is rebuilt lazily after a list changes (the tree sets
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .ioport import Resource
 
@@ -59,3 +60,42 @@ def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, end))
     return out
+
+
+V = TypeVar("V")
+
+
+def splice_runs(starts: list[int], values: list[V], dirty: list[tuple[int, int]],
+                fresh: Callable[[int, int], Iterable[tuple[int, V]]], top: int) -> tuple[list[int], list[V]]:
+    """Runs (`starts[i]` up to the next start: `values[i]`, equal neighbours merged) over [0, top)
+    with the disjoint, ascending, non-touching ranges `dirty` redone by `fresh(lo, hi)`, which gives
+    (start, value) points from `lo` on, ascending, covering [lo, hi]. Everything outside `dirty` is
+    kept, so the result is what a full rebuild gives whenever `fresh` is exact on its range."""
+    out_s: list[int] = []
+    out_v: list[V] = []
+
+    def push(start: int, value: V) -> None:
+        if not out_v or out_v[-1] != value:
+            out_s.append(start)
+            out_v.append(value)
+
+    i = 0  # the first old run not yet copied or passed over
+    for lo, hi in dirty:
+        j = bisect.bisect_left(starts, lo, i)
+        if j > i:  # old runs before the range: only the first can merge with what precedes it
+            push(starts[i], values[i])
+            out_s.extend(starts[i + 1:j])
+            out_v.extend(values[i + 1:j])
+        for start, value in fresh(lo, hi):
+            push(start, value)
+        if hi + 1 >= top:
+            i = len(starts)
+            break
+        k = bisect.bisect_right(starts, hi + 1) - 1  # the old run holding hi + 1 (clean)
+        push(hi + 1, values[k])
+        i = k + 1
+    if i < len(starts):
+        push(starts[i], values[i])
+        out_s.extend(starts[i + 1:])
+        out_v.extend(values[i + 1:])
+    return out_s, out_v

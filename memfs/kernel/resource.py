@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .ioport import (
     IORES_DESC_NONE,
@@ -31,6 +31,10 @@ MAX_IORES_LEVEL = 5
 REGION_INTERSECTS = 0
 REGION_DISJOINT = 1
 REGION_MIXED = 2
+
+# Called after every change with the inclusive address range [start, end] outside which no
+# address overlaps a different set of resources, or a resource whose flags, desc or name changed.
+ChangeListener = Callable[[int, int], None]
 
 
 class ResourceConflict(Exception):
@@ -53,13 +57,21 @@ class ResourceTree:
         self.root = Resource(0, end, name, IORESOURCE_MEM)
         # Bumped on every change so derived caches (policy maps) know to rebuild.
         self.generation = 0
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(start, end)` after every later change, with the address range it
+        touched: derived maps (PolicyMap, ContentMap) redo that range only."""
+        self._listeners.append(listener)
 
     # -- structure helpers -------------------------------------------------
 
-    def _changed(self, *nodes: Resource) -> None:
+    def _changed(self, start: int, end: int, *nodes: Resource) -> None:
         for node in nodes:
             node._ix = None
         self.generation += 1
+        for listener in self._listeners:
+            listener(start, end)
 
     @staticmethod
     def _insert_child(parent: Resource, new: Resource) -> None:
@@ -117,7 +129,7 @@ class ResourceTree:
         res.flags = flags
         if desc is not None:
             res.desc = desc
-        self._changed()
+        self._changed(res.start, res.end)
 
     # -- request / insert / release ----------------------------------------
 
@@ -129,7 +141,7 @@ class ResourceTree:
         if hits:
             return hits[0]
         self._insert_child(root, new)
-        self._changed(root)
+        self._changed(new.start, new.end, root)
         return None
 
     def request_resource(self, new: Resource, root: Resource | None = None) -> Resource:
@@ -151,7 +163,7 @@ class ResourceTree:
             hits = _index(parent).overlapping(new.start, new.end)
             if not hits:
                 self._insert_child(parent, new)
-                self._changed(parent)
+                self._changed(new.start, new.end, parent)
                 return new
             first = hits[0]
             if first is new:
@@ -173,7 +185,7 @@ class ResourceTree:
         new.children = hits
         for c in hits:
             c.parent = new
-        self._changed(parent, new)
+        self._changed(new.start, new.end, parent, new)
         return new
 
     def release_resource(self, old: Resource) -> None:
@@ -183,7 +195,7 @@ class ResourceTree:
             raise ResourceConflict(f"release_resource: {old.label()} is not in the tree", errno.EINVAL)
         del parent.children[self._position(old)]
         old.parent = None
-        self._changed(parent)
+        self._changed(old.start, old.end, parent)
 
     def request_region(self, start: int, n: int, name: str, flags: int = 0,
                        parent: Resource | None = None, name_id: object = None) -> Resource:
@@ -251,7 +263,7 @@ class ResourceTree:
             tail = Resource(end + 1, res.end, res.name, res.flags, res.desc, name_id=res.name_id)
             res.end = start - 1
             self._insert_child(parent, tail)
-        self._changed(parent)
+        self._changed(start, end, parent)
 
     # -- memory hotplug ----------------------------------------------------
 
@@ -278,7 +290,7 @@ class ResourceTree:
             res.parent = None
             del kids[pos]
             res = kids[pos - 1]
-        self._changed(parent)
+        self._changed(res.start, res.end, parent)
         return res
 
     # -- queries -----------------------------------------------------------
