@@ -177,8 +177,7 @@ class DevMem:
         """read_mem(), with a refusal returned rather than raised (the FUSE adapter's path: a
         refused read should cost no more than an allowed one)."""
         end = p + count - 1
-        if not (end % _U64 <= self.high_memory_end() if self.config.arch == "x86_64"
-                else self.valid_phys_addr_range(p, count)):
+        if not self.valid_phys_addr_range(p, count):
             return _refusal(errno.EFAULT, f"valid_phys_addr_range: beyond high_memory "
                                          f"({self.high_memory_end() + 1:#x})", p, end)
         if count <= 0:
