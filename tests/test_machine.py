@@ -153,3 +153,21 @@ def test_high_memory_ignores_a_partial_last_page(tmp_path):
     dump.write_text("00001000-0009fbff : System RAM\n")
     m = load_machine(iomem_file=str(dump))
     assert m.hotplug.high_memory_end == 0x9EFFF  # max_pfn = 0x9f
+
+
+def test_a_full_range_dump_loads_small(tmp_path):
+    """Loading costs what the description holds, not the address space (one object per memory
+    block over 2^64 bytes of RAM would never finish)."""
+    import tracemalloc
+
+    dump = tmp_path / "full.iomem"
+    dump.write_text("00000000-ffffffffffffffff : System RAM\n")
+    tracemalloc.start()
+    try:
+        m = load_machine(iomem_file=str(dump))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 << 20, peak
+    assert read(m, 0x1000, 4) == bytes(4)  # zero-filled low RAM
+    assert err(read, m, 0x100000000, 4096) == errno.EPERM
