@@ -135,22 +135,28 @@ class DevMem:
 
         STRICT_DEVMEM=y: devmem_is_allowed(); =n: every page is allowed (1).
         """
-        if not self.config.strict_devmem:
+        policy = self._page_policy()
+        if policy is None:
             return iter(((first_pfn, last_pfn, ALLOWED),))
-        return self._fresh().runs(first_pfn, last_pfn)
+        return policy.runs(first_pfn, last_pfn)
 
     def page_is_allowed(self, pfn: int) -> Verdict:
         """page_is_allowed(): 0 refused, 1 allowed, 2 zero-filled, with the rule."""
-        if not self.config.strict_devmem:
-            return ALLOWED
-        return self._fresh().run(pfn)[2]
+        policy = self._page_policy()
+        return ALLOWED if policy is None else policy.run(pfn)[2]
+
+    def _page_policy(self) -> PolicyMap | None:
+        """The one place STRICT_DEVMEM is decided: devmem_is_allowed()'s map when it is y,
+        None when it is n (page_is_allowed() then allows every page)."""
+        return self._fresh() if self.config.strict_devmem else None
 
     def range_is_allowed(self, pfn: int, size: int) -> Verdict:
         """range_is_allowed(): the first refusing page's verdict, else ALLOWED (2 counts as allowed)."""
         last = ((pfn << PAGE_SHIFT) + size - 1) >> PAGE_SHIFT
-        if not self.config.strict_devmem:
+        policy = self._page_policy()
+        if policy is None:
             return ALLOWED
-        first, end, verdict = self._fresh().run(pfn)
+        first, end, verdict = policy.run(pfn)
         if last <= end:  # one run: the common case
             return verdict if verdict.allowed == 0 else ALLOWED
         return next((v for _, _, v in self.page_is_allowed_runs(pfn, last) if v.allowed == 0), ALLOWED)
@@ -182,12 +188,10 @@ class DevMem:
                                          f"({self.high_memory_end() + 1:#x})", p, end)
         if count <= 0:
             return b""
-        if not self.config.strict_devmem:
+        policy = self._page_policy()
+        if policy is None:
             verdict = ALLOWED
         else:
-            policy = self._policy
-            if policy is None or policy.pending:
-                policy = self._fresh()
             run = policy.hit  # the run of the last access, where most accesses land again
             if not run[0] <= p >> PAGE_SHIFT <= end >> PAGE_SHIFT <= run[1]:
                 run = policy.run(p >> PAGE_SHIFT)
