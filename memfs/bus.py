@@ -242,9 +242,10 @@ class Bus:
                 if kind is Kind.RAM:
                     self.memory.write(start, data[start - addr:start - addr + n])
 
-    def drops_writes(self, addr: int, size: int) -> bool:
-        """Whether any byte of the range drops what is stored (firmware, floating bus)."""
-        return any(kind in (Kind.FIRMWARE, Kind.FLOAT) for _, _, kind, _ in self._content().runs(addr, size))
+    def dropping_runs(self, addr: int, size: int) -> list[tuple[int, int]]:
+        """The (start, length) runs of the range that drop what is stored (firmware, floating bus)."""
+        return [(start, n) for start, n, kind, _ in self._content().runs(addr, size)
+                if kind is Kind.FIRMWARE or kind is Kind.FLOAT]
 
     def _firmware(self, addr: int, size: int) -> bytes:
         if self.firmware is None:

@@ -118,6 +118,7 @@ def serve(machine: Machine, mountpoint: str, allow_other: bool = False,
     try:
         trio.run(_main, ops, mountpoint, device, ready)
     finally:
+        ops.restorer.stop()   # its thread uses the session: it must end before the session does
         pyfuse3.close(unmount=mounted(mountpoint))
         log.info("unmounted %s", mountpoint)
 
@@ -148,7 +149,6 @@ def _no_readahead(device: str | None, mountpoint: str) -> None:
 
 async def _main(ops: MemfsOps, mountpoint: str, device: str | None, ready: Callable[[], object] | None) -> None:
     async with trio.open_nursery() as nursery:
-        ops.nursery = nursery
         nursery.start_soon(_stop_on_signal, mountpoint, device, nursery.cancel_scope)
         if ready:
             ready()

@@ -26,7 +26,7 @@ class DevMemFile(Node):
     mode = REG | 0o600
     cache_attrs = True
 
-    def __init__(self, machine: Machine, handle: Callable[[Opener, bool], DevMemHandle]) -> None:
+    def __init__(self, machine: Machine, handle: Callable[[Opener, bool, bool], DevMemHandle]) -> None:
         self.size = min(machine.size, LOFF_MAX)  # st_size is a loff_t
         self.page_cache_all = machine.config.devmem_page_cache_all
         self.handle = handle
@@ -35,7 +35,8 @@ class DevMemFile(Node):
         if not has_capability(opener.pid, CAP_SYS_RAWIO):
             raise pyfuse3.FUSEError(errno.EPERM)  # open_mem(): capable(CAP_SYS_RAWIO)
         # MAP_SHARED needs the page cache (libfuse 3.14); O_SYNC opens are the mapping tools'.
-        return self.handle(opener, bool(flags & os.O_DSYNC) or self.page_cache_all)
+        return self.handle(opener, bool(flags & os.O_DSYNC) or self.page_cache_all,
+                           flags & os.O_ACCMODE != os.O_RDONLY)
 
 
 class _IomemText:

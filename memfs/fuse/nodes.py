@@ -207,6 +207,7 @@ class DevMemHandle(Handle):
     machine: Machine
     opener: Opener
     mapped: bool
+    writable: bool
     coherent: Callable[[DevMemHandle], Awaitable[None]]
     released: Callable[[DevMemHandle], None]
     wrote_back: Callable[[int, int], None]

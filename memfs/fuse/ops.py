@@ -21,6 +21,7 @@ from ..audit import Opener
 from ..machine import Machine
 from . import layout
 from .nodes import DevMemHandle, Dir, Handle, Node
+from .restore import Restorer
 
 log = logging.getLogger("memfs.fuse")
 
@@ -59,8 +60,7 @@ class MemfsOps(pyfuse3.Operations):
         self._next_fh = 1
         self._revoke_pending = False
         self._page_cache_opens = 0
-        # Background work (set by the daemon while it serves): never awaited by a handler.
-        self.nursery: trio.Nursery | None = None
+        self.restorer = Restorer(lambda: self._ino.get(MEM_PATH))
         machine.changed.connect(self._memory_changed)
         # Build the address maps now, before serving, rather than in the first read (seconds on a
         # machine of 100,000 resources); later changes to the tree redo only what they touch.
@@ -171,7 +171,10 @@ class MemfsOps(pyfuse3.Operations):
         try:
             handle = self._handles[fh]
             if type(handle) is DevMemHandle and (handle.mapped or not self._page_cache_opens):
-                return handle.read_now(off, size)  # nothing to make coherent first: no await
+                data = handle.read_now(off, size)  # nothing to make coherent first: no await
+                if handle.mapped and self.restorer.writers_open:
+                    self._watch(off, len(data))
+                return data
             return await handle.read(off, size)
         except pyfuse3.FUSEError:
             raise
@@ -201,13 +204,17 @@ class MemfsOps(pyfuse3.Operations):
 
     # -- dev/mem and revocation -------------------------------------------------
 
-    def _devmem_handle(self, opener: Opener, mapped: bool) -> DevMemHandle:
+    def _devmem_handle(self, opener: Opener, mapped: bool, writable: bool) -> DevMemHandle:
         self._page_cache_opens += mapped
-        return DevMemHandle(self.machine, opener, mapped, self._coherent, self._devmem_released,
-                            self._wrote_back)
+        if mapped and writable:
+            self.restorer.writers(+1)
+        return DevMemHandle(self.machine, opener, mapped, writable, self._coherent, self._devmem_released,
+                            self._watch)
 
     def _devmem_released(self, handle: DevMemHandle) -> None:
         self._page_cache_opens -= handle.mapped
+        if handle.mapped and handle.writable:
+            self.restorer.writers(-1)
 
     async def _coherent(self, handle: DevMemHandle) -> None:
         """Make a plain read/write see (and be seen by) live mappings, as /dev/mem's do.
@@ -220,26 +227,15 @@ class MemfsOps(pyfuse3.Operations):
         if not handle.mapped and self._page_cache_opens:
             await self._invalidate()
 
-    def _wrote_back(self, start: int, size: int) -> None:
-        """A write-back reached memory; where the bus dropped it (firmware, floating bus) the
-        cached page still holds the written value: put what the bus reads there, for every
-        mapping of it, once this write-back has been answered."""
-        if self.nursery is not None and self.machine.bus.drops_writes(start, size):
-            self.nursery.start_soon(self._restore, start, size)
-
-    async def _restore(self, start: int, size: int) -> None:
-        ino = self._ino.get(MEM_PATH)
-        if ino is None:
-            return
-        data = self.machine.bus.load(start, size)
-        try:
-            # notify_store may wait for the page lock the write-back holds: not in a handler
-            await trio.to_thread.run_sync(pyfuse3.notify_store, ino, start, data, abandon_on_cancel=True)
-        except OSError as e:
-            log.warning("could not restore dropped writes at %#x: %s", start, e.strerror)
+    def _watch(self, start: int, size: int) -> None:
+        """Pages of [start, start+size) are in the page cache (faulted in or written back): where the
+        bus drops writes, have the restorer put back what the bus reads (restore.py)."""
+        bus = self.machine.bus
+        self.restorer.watch([(s, bus.load(s, n)) for s, n in bus.dropping_runs(start, size)])
 
     def _memory_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True
+        self.restorer.forget()
 
     async def _invalidate(self) -> None:
         """Drop every cached page and live mapping of dev/mem (revocation).
@@ -248,6 +244,8 @@ class MemfsOps(pyfuse3.Operations):
         dirty mapped pages), so it runs in a worker thread while this task
         waits and the others go on serving.
         """
+        if self.restorer.busy:   # a round begun before the change must not store into new pages
+            await trio.to_thread.run_sync(self.restorer.quiesce, abandon_on_cancel=True)
         ino = self._ino.get(MEM_PATH)
         if ino is None:
             return

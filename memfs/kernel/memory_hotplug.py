@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import heapq
 from contextlib import suppress
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+
+from sortedcontainers import SortedList
 
 from ..changes import MemoryChanged
 from .ioport import IORESOURCE_BUSY, IORESOURCE_SYSRAM_DRIVER_MANAGED, IORESOURCE_SYSTEM_RAM, Resource
@@ -145,7 +147,7 @@ class MemoryBlocks(Mapping[int, MemoryBlock]):
         self._ram = union((r.start, r.end) for r in ram)
         self._boot = union((start // block_size, end // block_size) for start, end in self._ram)
         self._stored: dict[int, MemoryBlock] = {}
-        self._hot: list[int] = []          # stored ids outside the boot ranges, ascending
+        self._hot: SortedList[int] = SortedList()   # stored ids outside the boot ranges
         self._removed: set[int] = set()    # boot ids whose block went away
 
     def _is_boot(self, mb_id: int) -> bool:
@@ -181,12 +183,20 @@ class MemoryBlocks(Mapping[int, MemoryBlock]):
     def __iter__(self) -> Iterator[int]:
         return self.ids_from(0)
 
-    def ids_from(self, start: int) -> Iterator[int]:
-        """xa_for_each_start(): the ids of existing blocks from `start` on, ascending."""
+    def ids_from(self, start: int, last: int | None = None) -> Iterator[int]:
+        """xa_for_each_range(): the ids of existing blocks in [start, last] (no end: to the last), ascending.
+
+        Costs the ids yielded plus a bisection: boot runs and hot-added ids are walked only
+        where they meet the range.
+        """
         first_run = max(bisect_right(self._boot, start, key=lambda run: run[0]) - 1, 0)
-        boot = (mb_id for first, last in self._boot[first_run:] for mb_id in range(max(first, start), last + 1)
-                if mb_id not in self._removed)
-        return heapq.merge(boot, self._hot[bisect_left(self._hot, start):])
+        runs = [(max(first, start), stop if last is None else min(stop, last))
+                for first, stop in self._boot[first_run:] if last is None or first <= last]
+        hot: Iterator[int] = self._hot.irange(start, last)
+        if not any(lo <= hi for lo, hi in runs):
+            return hot
+        boot = (mb_id for lo, hi in runs for mb_id in range(lo, hi + 1) if mb_id not in self._removed)
+        return heapq.merge(boot, hot)
 
     def record(self, block: MemoryBlock) -> None:
         """Keep a hot-added block, or a block whose state, zone or unmovable memory changed."""
@@ -195,7 +205,7 @@ class MemoryBlocks(Mapping[int, MemoryBlock]):
             self._stored.pop(block.id, None)   # back to its boot default
             return
         if block.id not in self._stored and not self._is_boot(block.id):
-            insort(self._hot, block.id)
+            self._hot.add(block.id)
         self._stored[block.id] = block
 
     def remove(self, mb_id: int) -> None:
@@ -254,10 +264,7 @@ class MemoryHotplug:
 
     def blocks_in(self, start: int, size: int) -> Iterator[MemoryBlock]:
         """walk_memory_blocks(): existing blocks of [start, start+size), ascending."""
-        last = (start + size - 1) // self.block_size
-        for mb_id in self.blocks.ids_from(start // self.block_size):
-            if mb_id > last:
-                return
+        for mb_id in self.blocks.ids_from(start // self.block_size, (start + size - 1) // self.block_size):
             yield self.blocks[mb_id]
 
     def alloc_unmovable(self, mb_id: int, size: int) -> None:
