@@ -34,6 +34,8 @@ MEM_GOING_OFFLINE = 1 << 1
 MEM_OFFLINE = 1 << 2
 MEM_GOING_ONLINE = 1 << 3
 
+_PROBE_IDS = 16   # ranges of fewer memory blocks are walked id by id (MemoryBlocks.ids_from)
+
 # mhp_online_type_from_str() words; "offline" is MMOP_OFFLINE.
 ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
 
@@ -187,8 +189,11 @@ class MemoryBlocks(Mapping[int, MemoryBlock]):
         """xa_for_each_range(): the ids of existing blocks in [start, last] (no end: to the last), ascending.
 
         Costs the ids yielded plus a bisection: boot runs and hot-added ids are walked only
-        where they meet the range.
+        where they meet the range (a short range is probed id by id: the common walk of one
+        block or big block).
         """
+        if last is not None and last - start < _PROBE_IDS:
+            return (mb_id for mb_id in range(start, last + 1) if mb_id in self)
         first_run = max(bisect_right(self._boot, start, key=lambda run: run[0]) - 1, 0)
         runs = [(max(first, start), stop if last is None else min(stop, last))
                 for first, stop in self._boot[first_run:] if last is None or first <= last]
