@@ -86,3 +86,20 @@ def test_removed_boot_blocks_are_gone_and_can_come_back_hot_added():
     hp.add_memory_driver_managed(3 * MB, MB, "System RAM (kmem)", object())
     assert list(hp.blocks)[:5] == [0, 1, 2, 3, 4] and len(hp.blocks) == 18
     assert not hp.blocks[3].boot and hp.blocks[3].online
+
+
+def test_bounded_walks_agree_with_the_whole_listing_short_and_long():
+    """ids_from(start, last) probes short ranges id by id and walks long ones by runs: both
+    must list exactly the existing ids of the range, around removed boot and hot-added blocks."""
+    tree = default_tree()
+    hp = MemoryHotplug(tree, MB)
+    hp.add_memory_driver_managed(0x100000000, 2 * MB, NAME, object())
+    hp.offline_and_remove_memory(3 * MB, MB)
+    hp.offline_and_remove_memory(9 * MB, MB)
+    every = list(hp.blocks)
+    assert every == [0, 1, 2, 4, 5, 6, 7, 8] + list(range(10, 16)) + [32, 33]
+    for start in range(0, 40, 3):
+        for last in (start, start + 1, start + 7, start + 15, start + 16, start + 30, start + 100):
+            want = [i for i in every if start <= i <= last]
+            assert list(hp.blocks.ids_from(start, last)) == want, (start, last)
+            assert [b.id for b in hp.blocks_in(start * MB, (last - start + 1) * MB)] == want
