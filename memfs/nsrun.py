@@ -3,8 +3,9 @@
 The tool runs in a private mount namespace (unshare -m). There /dev is a
 tmpfs holding bind mounts of the real /dev entries plus MOUNT/dev/mem, and
 the mount's files are bound over their real paths (BINDS): /proc/iomem,
-/proc/meminfo, /sys/firmware (SMBIOS and ACPI tables) and
-/sys/devices/system/memory. The host's paths are never touched, and nothing
+/proc/meminfo, /sys/firmware (SMBIOS and ACPI tables),
+/sys/devices/system/memory and /sys/devices/system/node (where the memory
+blocks' node links lead). The host's paths are never touched, and nothing
 is left behind in /tmp.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import tempfile
 
 # mount path -> real path; the real path must exist (a sysfs directory cannot be created)
 BINDS = (("proc/iomem", "/proc/iomem"), ("proc/meminfo", "/proc/meminfo"), ("sys/firmware", "/sys/firmware"),
-         ("sys/devices/system/memory", "/sys/devices/system/memory"))
+         ("sys/devices/system/memory", "/sys/devices/system/memory"),
+         ("sys/devices/system/node", "/sys/devices/system/node"))
 
 
 def run_in_namespace(mountpoint: str, command: list[str]) -> int:

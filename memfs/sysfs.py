@@ -6,17 +6,21 @@ afterwards, as the kernel's workqueue would (onlining memory requeues a
 virtio-mem driver stopped at its offline threshold). A machine with a
 journal records every store (its path under sys/devices/system/memory and
 the text) before running it; `store` replays one.
+
+The NUMA side (drivers/base/node.c): which nodes exist, their nodemask files
+under sys/devices/system/node, and the links between memoryN and nodeM.
 """
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from .kernel.memory_hotplug import MEMORY_BLOCK_ATTRS, HotplugError
+from .kernel.memory_hotplug import MEMORY_BLOCK_ATTRS, ZONE_MOVABLE, HotplugError
 from .machine import Machine
 
 MEMORY_PREFIX = "memory"
+NODE_PREFIX = "node"
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,94 @@ def store(machine: Machine, path: str, text: str) -> None:
     attr.store(text)
 
 
-def memory_block_id(name: str) -> int | None:
-    """The mb_id of a directory name `memoryN` (N in decimal, no leading zeros), else None."""
-    digits = name[len(MEMORY_PREFIX):]
-    if not name.startswith(MEMORY_PREFIX) or not digits.isdigit() or str(int(digits)) != digits:
+def _numbered(prefix: str, name: str) -> int | None:
+    digits = name[len(prefix):]
+    # isascii(): str.isdigit() also takes digits such as "²" that int() refuses
+    if not name.startswith(prefix) or not (digits.isascii() and digits.isdigit()) or str(int(digits)) != digits:
         return None
     return int(digits)
+
+
+def memory_block_id(name: str) -> int | None:
+    """The mb_id of a directory name `memoryN` (N in decimal, no leading zeros), else None."""
+    return _numbered(MEMORY_PREFIX, name)
 
 
 def memory_block_ids(machine: Machine, start: int = 0) -> Iterator[int]:
     """The memory blocks that exist from mb_id `start` on, ascending (lazily: boot RAM may hold 2^33)."""
     return machine.hotplug.blocks.ids_from(start)
+
+
+def node_id(name: str) -> int | None:
+    """The nid of a directory name `nodeM` (M in decimal, no leading zeros), else None."""
+    return _numbered(NODE_PREFIX, name)
+
+
+def online_nodes(machine: Machine) -> list[int]:
+    """node_states[N_ONLINE], ascending: node 0 (boot memory and the CPUs) and each virtio-mem device's node.
+
+    QEMU refuses a device on a node the machine lacks, and only boot memory and the
+    devices add memory blocks, so these are all the nodes a block can name.
+    """
+    return sorted({0} | {v.device.node_id for v in machine.virtio.values()})
+
+
+def node_block_ids(machine: Machine, nid: int, start: int = 0) -> Iterator[int]:
+    """The memory blocks linked under node `nid` (register_memory_block_under_node()) from mb_id
+    `start` on, ascending. Boot memory is node 0's, so another node's blocks all lie in its
+    devices' regions: only those are walked, never boot memory."""
+    hp = machine.hotplug
+    if nid == 0:
+        return (mb_id for mb_id in hp.blocks.ids_from(start) if hp.blocks[mb_id].nid == 0)
+    regions = sorted((v.device.addr, v.device.addr + v.device.region_size) for v in machine.virtio.values()
+                     if v.device.node_id == nid)
+    first = start * hp.block_size
+    return (block.id for lo, hi in regions if hi > first
+            for block in hp.blocks_in(max(lo, first), hi - max(lo, first)) if block.nid == nid)
+
+
+def nodelist(nids: Iterable[int]) -> str:
+    """A nodemask as "%*pbl" prints it (bitmap_list_string()): ascending runs, "0-1,3"."""
+    runs: list[list[int]] = []
+    for nid in sorted(set(nids)):
+        if runs and runs[-1][1] == nid - 1:
+            runs[-1][1] = nid
+        else:
+            runs.append([nid, nid])
+    return ",".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in runs)
+
+
+def _has_memory(machine: Machine, nid: int, normal: bool) -> bool:
+    blocks = (machine.hotplug.blocks[mb_id] for mb_id in node_block_ids(machine, nid))
+    return any(block.online and not (normal and block.zone == ZONE_MOVABLE) for block in blocks)
+
+
+def node_attrs(machine: Machine) -> list[Attr]:
+    """/sys/devices/system/node/*: node_state_attr[] as show_node_state() prints each nodemask.
+
+    Every node is possible and online from boot; a node has memory (N_MEMORY) while one of
+    its blocks is online, normal memory (N_NORMAL_MEMORY) while one is online in a zone up to
+    ZONE_NORMAL (node_states_check_changes_online()); the CPUs are node 0's.
+    """
+    def mask(nids: Callable[[], Iterable[int]]) -> Callable[[], str]:
+        return lambda: nodelist(nids()) + "\n"
+
+    def having(normal: bool) -> Callable[[], Iterable[int]]:
+        return lambda: (nid for nid in online_nodes(machine) if _has_memory(machine, nid, normal))
+
+    return [Attr("possible", mask(lambda: online_nodes(machine))),
+            Attr("online", mask(lambda: online_nodes(machine))),
+            Attr("has_normal_memory", mask(having(True))),
+            Attr("has_memory", mask(having(False))),
+            Attr("has_cpu", mask(lambda: [0])),
+            Attr("has_generic_initiator", mask(list))]
+
+
+def node_link(nid: int) -> tuple[str, str]:
+    """The link do_register_memory_block_under_node() puts in memoryN: (name, target)."""
+    return f"{NODE_PREFIX}{nid}", f"../../node/{NODE_PREFIX}{nid}"
+
+
+def memory_block_link(mb_id: int) -> tuple[str, str]:
+    """Its reverse link, put in nodeM: (name, target)."""
+    return f"{MEMORY_PREFIX}{mb_id}", f"../../memory/{MEMORY_PREFIX}{mb_id}"

@@ -143,3 +143,56 @@ def test_memtester_on_an_empty_pci_window_reports_failures(default_mnt):
         if done.returncode != 0 and failures:
             break
     assert runs[-1][0] != 0 and runs[-1][1] > 0, runs
+
+
+def test_lsmem_shows_the_numa_node_of_every_block(mount, tmp_path):
+    """11.6: memoryN/nodeM links (and node/nodeM/memoryN back) fill lsmem's NODE column: boot memory
+    and vmem0 on node 0, vmem1's blocks on node 1."""
+    import json
+    import os
+
+    from conftest import QEMU_Q35_2G
+
+    toml = tmp_path / "numa.toml"
+    toml.write_text(textwrap.dedent(f"""
+        iomem = "{QEMU_Q35_2G}"
+        [[virtio_mem]]
+        id = "vmem0"
+        addr = "0x100000000"
+        region_size = "1G"
+        node = 0
+        [[virtio_mem]]
+        id = "vmem1"
+        addr = "0x140000000"
+        region_size = "1G"
+        node = 1
+    """))
+    mnt = mount("--machine", str(toml))
+    for dev, size in (("vmem0", "256M"), ("vmem1", "512M")):
+        done = memfs("ctl", str(mnt), dev, "requested-size", size)
+        assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run(["lsmem", "--sysroot", str(mnt), "-J", "-o", "RANGE,BLOCK,NODE"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [(r["block"], r["node"]) for r in json.loads(done.stdout)["memory"]] == \
+        [("0-15", 0), ("32-33", 0), ("40-43", 1)]
+    table = subprocess.run(["lsmem", "--sysroot", str(mnt), "-o", "BLOCK,NODE"], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert re.search(r"^\s*40-43\s+1$", table, re.M), table
+
+    system = mnt / "sys/devices/system"
+    assert os.readlink(system / "memory/memory0/node0") == "../../node/node0"
+    assert os.readlink(system / "memory/memory40/node1") == "../../node/node1"
+    assert not (system / "memory/memory40/node0").exists()
+    assert os.readlink(system / "node/node1/memory43") == "../../memory/memory43"
+    assert (system / "memory/memory40/node1/memory40/state").read_text() == "offline\n"
+    nodes = system / "node"
+    assert sorted(os.listdir(nodes)) == ["has_cpu", "has_generic_initiator", "has_memory", "has_normal_memory",
+                                         "node0", "node1", "online", "possible"]
+    assert (nodes / "online").read_text() == "0-1\n"
+    assert sorted(os.listdir(nodes / "node1")) == ["memory40", "memory41", "memory42", "memory43"]
+    assert len(os.listdir(nodes / "node0")) == 18
+    # under `memfs run` the links lead into the mount's node directory, not the host's
+    done = memfs("run", str(mnt), "--", "ls", "/sys/devices/system/memory/memory40/node1/")
+    assert done.returncode == 0 and done.stdout.split() == ["memory40", "memory41", "memory42", "memory43"], \
+        done.stdout + done.stderr

@@ -14,7 +14,8 @@ from ..kernel.iomem import render
 from ..kernel.resource import ResourceTree
 from ..machine import Machine
 from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
-from .nodes import ControlFile, DevMemHandle, Dir, Handle, Node, REG, SysfsAttr, TextFile, fixed_dir
+from .nodes import (ControlFile, DevMemHandle, Dir, Handle, Node, REG, Symlink, SysfsAttr, TextFile,
+                    fixed_dir)
 
 
 LOFF_MAX = (1 << 63) - 1
@@ -62,24 +63,53 @@ def _attrs(attrs: list[sysfs.Attr]) -> Iterator[tuple[str, Node]]:
     return ((a.name, SysfsAttr(a.show, a.store)) for a in attrs)
 
 
-def _memory_dir(machine: Machine) -> Dir:
-    def block(mb_id: int) -> Dir:
-        return fixed_dir(dict(_attrs(sysfs.memory_block_attrs(machine, mb_id))))
-
+def _numbered_dir(entries: Callable[[], list[tuple[str, Node]]], ids: Callable[[int], Iterator[int]],
+                  number: Callable[[str], int | None], child: Callable[[int], tuple[str, Node]]) -> Dir:
+    """`entries`, then a child per id of `ids(start)` (ascending from `start`), named and built by
+    `child(id)` and found back by `number(name)`. The token of id N is len(entries) + 1 + N, so
+    readdir resumes at an id without walking those before it (boot RAM may hold 2^33 blocks)."""
     def listing(after: int) -> Iterator[tuple[int, str, Node]]:
-        attrs = list(_attrs(sysfs.memory_attrs(machine)))
-        for token, (name, node) in enumerate(attrs[after:], after + 1):
+        fixed = entries()
+        for token, (name, node) in enumerate(fixed[after:], after + 1):
             yield token, name, node
-        for mb_id in sysfs.memory_block_ids(machine, max(after - len(attrs), 0)):
-            yield len(attrs) + 1 + mb_id, f"{sysfs.MEMORY_PREFIX}{mb_id}", block(mb_id)
+        for n in ids(max(after - len(fixed), 0)):
+            yield (len(fixed) + 1 + n, *child(n))
 
     def find(name: str) -> Node | None:
-        mb_id = sysfs.memory_block_id(name)
-        if mb_id is not None:
-            return block(mb_id) if mb_id in machine.hotplug.blocks else None
-        return next((node for n, node in _attrs(sysfs.memory_attrs(machine)) if n == name), None)
+        n = number(name)
+        if n is not None:
+            return child(n)[1] if next(ids(n), None) == n else None
+        return next((node for k, node in entries() if k == name), None)
 
     return Dir(listing, find)
+
+
+def _link(name_target: tuple[str, str]) -> tuple[str, Node]:
+    return name_target[0], Symlink(name_target[1])
+
+
+def _memory_dir(machine: Machine) -> Dir:
+    """/sys/devices/system/memory: memoryN holds its attributes and the link to its node."""
+    def block(mb_id: int) -> tuple[str, Node]:
+        attrs = dict(_attrs(sysfs.memory_block_attrs(machine, mb_id)))
+        name, link = _link(sysfs.node_link(machine.hotplug.blocks[mb_id].nid))
+        return f"{sysfs.MEMORY_PREFIX}{mb_id}", fixed_dir(attrs | {name: link})
+
+    return _numbered_dir(lambda: list(_attrs(sysfs.memory_attrs(machine))),
+                         lambda start: sysfs.memory_block_ids(machine, start), sysfs.memory_block_id, block)
+
+
+def _node_dir(machine: Machine) -> Dir:
+    """/sys/devices/system/node: the nodemask files, and nodeM (register_one_node()) holding a
+    link to each of its memory blocks."""
+    def node(nid: int) -> tuple[str, Node]:
+        links = _numbered_dir(list, lambda start: sysfs.node_block_ids(machine, nid, start),
+                              sysfs.memory_block_id, lambda mb_id: _link(sysfs.memory_block_link(mb_id)))
+        return f"{sysfs.NODE_PREFIX}{nid}", links
+
+    return _numbered_dir(lambda: list(_attrs(sysfs.node_attrs(machine))),
+                         lambda start: (nid for nid in sysfs.online_nodes(machine) if nid >= start),
+                         sysfs.node_id, node)
 
 
 def _fixed(data: bytes) -> Callable[[Opener], bytes]:
@@ -99,11 +129,12 @@ def _firmware_dir(machine: Machine) -> Dir:
 def build(machine: Machine, devmem: DevMemFile) -> Dir:
     """The root directory of a mount of `machine`."""
     control = Control(machine)
+    system = fixed_dir({"memory": _memory_dir(machine), "node": _node_dir(machine)})
     return fixed_dir({
         "dev": fixed_dir({"mem": devmem}, 0o755),
         "proc": fixed_dir({"iomem": TextFile(_IomemText(machine)),
                            "meminfo": TextFile(lambda _: meminfo.meminfo(machine))}),
-        "sys": fixed_dir({"devices": fixed_dir({"system": fixed_dir({"memory": _memory_dir(machine)})}),
+        "sys": fixed_dir({"devices": fixed_dir({"system": system}),
                           "firmware": _firmware_dir(machine)}),
         "control": ControlFile(control),
         "memory-devices": TextFile(lambda _: status.memory_devices(machine)),

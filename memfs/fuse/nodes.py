@@ -28,6 +28,7 @@ log = logging.getLogger("memfs.fuse")
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG
+LNK = stat.S_IFLNK
 SYSFS_SIZE = 4096  # sysfs reports a page; procfs reports 0
 
 
@@ -69,6 +70,17 @@ class Dir(Node):
         self.mode = DIR | mode
         self.listing = listing
         self.find = find
+
+
+class Symlink(Node):
+    """A sysfs link (sysfs_create_link()): `target` is relative to the link's directory, as
+    kernfs_get_target_path() writes it; stat shows its length as the size."""
+
+    mode = LNK | 0o777
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.size = len(os.fsencode(target))
 
 
 def fixed_dir(children: dict[str, Node], mode: int = 0o555) -> Dir:

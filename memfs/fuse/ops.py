@@ -20,7 +20,7 @@ import trio
 from ..audit import Opener
 from ..machine import Machine
 from . import layout
-from .nodes import DevMemHandle, Dir, Handle, Node
+from .nodes import DevMemHandle, Dir, Handle, Node, Symlink
 from .restore import Restorer
 
 log = logging.getLogger("memfs.fuse")
@@ -118,6 +118,13 @@ class MemfsOps(pyfuse3.Operations):
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._lookup_path(inode)
         return self._attr(path, self._node(path))
+
+    @_guard
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+        node = self._node(self._lookup_path(inode))
+        if not isinstance(node, Symlink):
+            raise pyfuse3.FUSEError(errno.EINVAL)  # readlink(2) of a non-link
+        return pyfuse3.FileNameT(os.fsencode(node.target))
 
     @_guard
     async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,

@@ -31,6 +31,7 @@ VIRTIO_MEM_STATE_MIXED = 2
 VIRTIO_MEM_MIN_BLOCK_SIZE = SZ_1M
 VIRTIO_MEM_USABLE_EXTENT = 256 * SZ_1M   # x86-64 and s390x
 _U16_MAX = 0xFFFF
+MAX_NODES = 128   # QEMU's include/sysemu/numa.h: a 'node' at or above it cannot exist
 
 
 class Response(NamedTuple):
@@ -76,6 +77,8 @@ class VirtioMemDevice:
                 raise ValueError(f"'{name}' property has to be multiples of 'block-size' ({block_size:#x})")
         if region_size == 0:
             raise ValueError("'memdev' size has to be positive")
+        if not 0 <= node < MAX_NODES:  # a uint32 property naming one of the machine's (at most MAX_NODES) nodes
+            raise ValueError(f"'node' property has to name one of the {MAX_NODES} possible numa nodes")
         if requested_size > region_size:
             raise ValueError(f"'requested-size' cannot exceed the memory backend size ({region_size:#x})")
         if memory.size != region_size:
