@@ -15,7 +15,7 @@ from ..kernel.resource import ResourceTree
 from ..machine import Machine
 from .creds import CAP_SYS_ADMIN, CAP_SYS_RAWIO, has_capability
 from .nodes import (ControlFile, DevMemHandle, Dir, Handle, Node, REG, Symlink, SysfsAttr, TextFile,
-                    fixed_dir)
+                    fixed_dir, permanent)
 
 
 LOFF_MAX = (1 << 63) - 1
@@ -130,7 +130,7 @@ def build(machine: Machine, devmem: DevMemFile) -> Dir:
     """The root directory of a mount of `machine`."""
     control = Control(machine)
     system = fixed_dir({"memory": _memory_dir(machine), "node": _node_dir(machine)})
-    return fixed_dir({
+    return permanent(fixed_dir({
         "dev": fixed_dir({"mem": devmem}, 0o755),
         "proc": fixed_dir({"iomem": TextFile(_IomemText(machine)),
                            "meminfo": TextFile(lambda _: meminfo.meminfo(machine))}),
@@ -140,4 +140,4 @@ def build(machine: Machine, devmem: DevMemFile) -> Dir:
         "memory-devices": TextFile(lambda _: status.memory_devices(machine)),
         "audit": TextFile(lambda _: status.audit(machine), 0o400),
         memmap.MAP_FILE: TextFile(lambda _: memmap.render_svg(machine)),
-    }, 0o755)
+    }, 0o755))
