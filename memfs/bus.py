@@ -190,8 +190,9 @@ class Bus:
         """Build what the first access would otherwise build (a mount does this before serving)."""
         self._content()
 
-    def load(self, addr: int, size: int) -> bytes:
-        """PhysBus.load(): raises BusFault on unplugged, inaccessible virtio-mem memory."""
+    def load(self, addr: int, size: int) -> bytes | memoryview:
+        """PhysBus.load(): raises BusFault on unplugged, inaccessible virtio-mem memory; a range in
+        one chunk of RAM is a view of it (no copy)."""
         content = self._map
         if content is None or content.pending:
             content = self._content()
@@ -205,7 +206,7 @@ class Bus:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
         kind = run[2]
         if kind is Kind.RAM or kind is Kind.MMIO:
-            return self.memory.read(addr, size)
+            return self.memory.view(addr, size)
         return self._load(addr, size, kind, run[3])
 
     def _load(self, start: int, n: int, kind: Kind, device: VirtioMemDevice | None) -> bytes:

@@ -32,6 +32,14 @@ FILE_CHUNK_SHIFT = 30  # 1 GiB per file: each mapping holds a descriptor (Python
 _PAGE = mmap.PAGESIZE
 
 
+def _close(chunk: mmap.mmap) -> None:
+    """Unmap a chunk no longer in the store; a view() still held keeps it mapped until let go."""
+    try:
+        chunk.close()
+    except BufferError:
+        pass
+
+
 class SparseMemory:
     """`size` bytes of zero-initialised, writable memory (anonymous, private)."""
 
@@ -76,6 +84,17 @@ class SparseMemory:
             pos += n
         return bytes(out)
 
+    def view(self, offset: int, length: int) -> bytes | memoryview:
+        """read() without the copy where the range lies in one stored chunk: a view of it, which
+        sees later stores. For a reply sent at once (a FUSE read); whoever keeps data copies it."""
+        shift = self._shift
+        chunk = self._chunks.get(offset >> shift)
+        if chunk is None or not length or (offset >> shift) != ((offset + length - 1) >> shift):
+            return self.read(offset, length)
+        self._check(offset, length)
+        inner = offset & (self._chunk - 1)
+        return memoryview(chunk)[inner:inner + length]
+
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check(offset, len(data))
         view = memoryview(data)
@@ -93,7 +112,7 @@ class SparseMemory:
 
     def _drop_chunk(self, idx: int, chunk: mmap.mmap) -> None:
         del self._chunks[idx]
-        chunk.close()
+        _close(chunk)
 
     def _free_pages(self, chunk: mmap.mmap, start: int, length: int) -> None:
         """Zero page-aligned [start, start+length) of a chunk and give its memory back."""
@@ -189,7 +208,7 @@ class FileMemory(SparseMemory):
 
     def _drop_chunk(self, idx: int, chunk: mmap.mmap) -> None:
         del self._chunks[idx]
-        chunk.close()
+        _close(chunk)
         os.unlink(self._path(idx))
 
     def _free_pages(self, chunk: mmap.mmap, start: int, length: int) -> None:
@@ -202,7 +221,7 @@ class FileMemory(SparseMemory):
 
     def close(self) -> None:
         for chunk in self._chunks.values():
-            chunk.close()
+            _close(chunk)
         self._chunks.clear()
 
 

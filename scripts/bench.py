@@ -46,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 C_SOURCE = SCRIPTS / "bench_c" / "server.c"
+C_PREADS = SCRIPTS / "bench_c" / "preads.c"
 PY_REF = SCRIPTS / "bench_ref.py"
 DEFAULT_IOMEM = REPO / "memfs" / "data" / "qemu-q35-2G.iomem"
 
@@ -292,26 +293,26 @@ def deadline(seconds: float, mounts: list[Mount], what: str) -> Iterator[None]:
 
 # -- the C reference ---------------------------------------------------------------------------
 
-def build_c_server() -> str:
-    """Compile scripts/bench_c/server.c once per source (and compiler, libfuse) version."""
-    src = C_SOURCE.read_bytes()
+def build_c(source: Path, fuse: bool) -> str:
+    """Compile a C source of scripts/bench_c once per source (and compiler, libfuse) version."""
+    src = source.read_bytes()
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
-                           check=True, timeout=30).stdout.split()
+                           check=True, timeout=30).stdout.split() if fuse else []
     gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True,
                          timeout=30).stdout.splitlines()[0]
     key = hashlib.sha256(src + " ".join(flags).encode() + gcc.encode()).hexdigest()[:16]
     out_dir = Path(tempfile.gettempdir()) / "memfs-bench-build" / key
-    exe = out_dir / "memfs-bench-c-server"
+    exe = out_dir / f"memfs-bench-{source.stem}"
     if exe.is_file() and os.access(exe, os.X_OK):
         return str(exe)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".build-{os.getpid()}"
-    done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(C_SOURCE), *flags],
+    done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source), *flags],
                           capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"gcc failed:\n{done.stderr.strip()}")
     os.replace(tmp, exe)
-    log(f"built the C reference server: {exe}")
+    log(f"built {exe}")
     return str(exe)
 
 
@@ -362,12 +363,29 @@ def preads(path: str, offs: list[int], expect: str = "data") -> float:
         elapsed = time.perf_counter() - start
     finally:
         os.close(fd)
+    _check_preads(expect, len(offs), failures, short)
+    return elapsed
+
+
+def preads_c(exe: str, path: str, offs: list[int], expect: str = "data") -> float:
+    """preads() through the C client (scripts/bench_c/preads.c): no Python exception per failed read."""
+    done = subprocess.run([exe, path], input="\n".join(map(str, offs)), capture_output=True, text=True,
+                          timeout=STEP_DEADLINE)
+    if done.returncode != 0:
+        raise RuntimeError(f"preads: {done.stderr.strip()}")
+    head, *rest = done.stdout.splitlines()
+    elapsed, short = head.split()
+    failures = collections.Counter({int(e): int(n) for e, n in (line.split() for line in rest)})
+    _check_preads(expect, len(offs), failures, int(short))
+    return float(elapsed)
+
+
+def _check_preads(expect: str, count: int, failures: collections.Counter, short: int) -> None:
     if expect == "data" and (failures or short):
         raise RuntimeError(f"{sum(failures.values())} reads failed ({_errnos(failures)}), {short} short")
-    if expect == "refused" and failures.get(errno.EPERM, 0) != len(offs):
+    if expect == "refused" and failures.get(errno.EPERM, 0) != count:
         raise RuntimeError(f"expected every read to fail EPERM; got {_errnos(failures)} and "
-                           f"{len(offs) - sum(failures.values())} successful reads")
-    return elapsed
+                           f"{count - sum(failures.values())} successful reads")
 
 
 def _errnos(counter: collections.Counter) -> str:
@@ -762,15 +780,18 @@ def phase_main(p: Params, mounts: Mounts, refs: dict[str, Mount], res: Results) 
     if default is not None:
         log(f"refused vs allowed: {p.refused_reads} 4 KiB preads each on the default-settings mount, "
             f"{p.reps} round(s)")
+        client = build_c(C_PREADS, fuse=False)
         ra = alternate(p.reps, {
-            "allowed": lambda offs=offsets(WINDOW_BASE, 256 * MIB, p.refused_reads): preads(mem_default, offs),
-            "refused": lambda offs=offsets(RAM_BASE, 256 * MIB, p.refused_reads): preads(mem_default, offs,
-                                                                                         "refused"),
+            "allowed": lambda offs=offsets(WINDOW_BASE, 256 * MIB, p.refused_reads): preads_c(client, mem_default,
+                                                                                              offs),
+            "refused": lambda offs=offsets(RAM_BASE, 256 * MIB, p.refused_reads): preads_c(client, mem_default, offs,
+                                                                                           "refused"),
         }, "refused vs allowed", {"allowed": [default], "refused": [default]}, res)
     else:
         ra = {"allowed": [], "refused": []}
     res.data["refused_vs_allowed"] = {
-        "what": f"{p.refused_reads} preads of 4 KiB on the default machine with default settings; allowed: "
+        "what": f"{p.refused_reads} preads of 4 KiB by a C client (scripts/bench_c/preads.c) on the default "
+                f"machine with default settings; allowed: "
                 f"PCI Bus window at {WINDOW_BASE:#x}; refused: System RAM at {RAM_BASE:#x} (EPERM)",
         "unit": "reads/s",
         **{k: {"samples_s": v, "median_s": median(v),
@@ -1096,7 +1117,7 @@ def start_references(p: Params, mounts: Mounts, res: Results) -> dict[str, Mount
     size = max(p.seq_mib, 256) * MIB
     mapped = p.mmap_mib * MIB
     try:
-        exe = build_c_server()
+        exe = build_c(C_SOURCE, fuse=True)
         refs["C direct_io"] = mounts.reference("C direct_io", "c-direct", lambda mnt: [exe, mnt, str(size)])
         refs["C page cache"] = mounts.reference("C page cache", "c-pagecache",
                                                 lambda mnt: [exe, mnt, str(mapped), "--page-cache"])

@@ -54,3 +54,19 @@ def test_matches_a_plain_bytearray(ops):
                 model.pop(j, None)
     for off in {o for o in model} | {0, size - 1}:
         assert mem.read(off, 1)[0] == model.get(off, 0)
+
+
+def test_a_view_costs_no_copy_and_a_held_view_never_blocks_a_discard():
+    mem = SparseMemory(4 * CHUNK)
+    mem.write(CHUNK + 10, b"abcdef")
+    view = mem.view(CHUNK + 10, 6)
+    assert isinstance(view, memoryview) and view == b"abcdef"
+    mem.write(CHUNK + 10, b"X")                      # a view sees later stores: it is for replies sent at once
+    assert bytes(view) == b"Xbcdef"
+    assert mem.view(0, 4) == bytes(4) and isinstance(mem.view(0, 4), bytes)      # nothing stored there
+    across = mem.view(CHUNK - 2, 14)                 # two chunks: a copy
+    assert isinstance(across, bytes) and across == bytes(12) + b"Xb"
+    mem.discard(CHUNK, CHUNK)                        # the whole chunk goes while the view is held
+    assert mem.read(CHUNK + 10, 6) == bytes(6)
+    assert bytes(view) == b"Xbcdef"                  # still mapped until let go
+    del view

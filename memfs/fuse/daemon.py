@@ -54,6 +54,10 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
     """
     try:
         st = os.stat(mountpoint)
+        if os.path.ismount(mountpoint):
+            # The kernel may answer stat from cached attributes; opening the directory always
+            # reaches the daemon, so a dead one shows (ENOTCONN).
+            os.close(os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY))
     except FileNotFoundError:
         raise MountError(f"{mountpoint}: no such directory (create it with: mkdir -p {mountpoint})") from None
     except OSError as e:

@@ -21,7 +21,7 @@ import pyfuse3
 
 from ..audit import Opener
 from ..control import Control, ControlError
-from ..kernel.mem import AccessError, Refusal
+from ..kernel.mem import AccessError, Buffer, Refusal
 from ..machine import Machine
 from .creds import CAP_SYS_RAWIO, has_capability
 
@@ -38,7 +38,7 @@ class Handle:
 
     direct_io = True
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> Buffer:
         raise pyfuse3.FUSEError(errno.EBADF)
 
     async def write(self, off: int, buf: bytes) -> int:
@@ -117,7 +117,7 @@ class _Snapshot(Handle):
     def __init__(self, content: str | bytes) -> None:
         self.data = content.encode() if isinstance(content, str) else content
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> Buffer:
         return self.data[off:off + size]
 
 
@@ -140,7 +140,7 @@ class _ControlHandle(Handle):
         self.control = control
         self.result = control.banner()
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> Buffer:
         return self.result.encode()[off:off + size]
 
     async def write(self, off: int, buf: bytes) -> int:
@@ -255,7 +255,7 @@ class DevMemHandle(Handle):
         self.machine.audit.refuse(self.opener, op, e.start, e.end, errno.errorcode[err], e.rule)
         return pyfuse3.FUSEError(err)
 
-    def read_now(self, off: int, size: int) -> bytes:
+    def read_now(self, off: int, size: int) -> Buffer:
         """A read with nothing to wait for: what read() does once coherent() has run (or when it
         has nothing to do: a page-cache open, or no page-cache open anywhere)."""
         devmem = self.machine.devmem
@@ -270,7 +270,7 @@ class DevMemHandle(Handle):
             self.refaults.refused(off)
             raise self._refused("map-read", e) from None
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> Buffer:
         await self.coherent(self)
         return self.read_now(off, size)
 

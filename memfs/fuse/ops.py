@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from ..audit import Opener
+from ..kernel.mem import Buffer
 from ..machine import Machine
 from . import layout
 from .nodes import DevMemHandle, Dir, Handle, Node, Symlink
@@ -173,7 +174,9 @@ class MemfsOps(pyfuse3.Operations):
         info.direct_io = handle.direct_io
         return info
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any buffer (PyObject_GetBuffer), before anything else runs: a view of
+    # memory goes out without a copy.
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Buffer:  # type: ignore[override]
         # _guard inlined: this is the path of every dev/mem read(2) and fault
         try:
             handle = self._handles[fh]
@@ -238,7 +241,7 @@ class MemfsOps(pyfuse3.Operations):
         """Pages of [start, start+size) are in the page cache (faulted in or written back): where the
         bus drops writes, have the restorer put back what the bus reads (restore.py)."""
         bus = self.machine.bus
-        self.restorer.watch([(s, bus.load(s, n)) for s, n in bus.dropping_runs(start, size)])
+        self.restorer.watch([(s, bytes(bus.load(s, n))) for s, n in bus.dropping_runs(start, size)])
 
     def _memory_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True

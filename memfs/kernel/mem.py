@@ -22,6 +22,7 @@ from .sizes import PAGE_SHIFT
 
 ARM64_PHYS_MASK_SHIFT = 48
 _U64 = 1 << 64
+Buffer = bytes | memoryview  # what a read answers: a view of memory is sent at once, never kept
 _ZERO_PAGE = bytes(1 << PAGE_SHIFT)  # immutable: shared by every page-sized zero-filled read
 
 
@@ -67,8 +68,9 @@ class BusFault(Exception):
 class PhysBus(Protocol):
     """Physical memory as the CPU reaches it (xlate_dev_mem_ptr() plus a copy)."""
 
-    def load(self, addr: int, size: int) -> bytes:
-        """The bytes at [addr, addr+size); raises BusFault where nothing answers."""
+    def load(self, addr: int, size: int) -> Buffer:
+        """The bytes at [addr, addr+size) (a view valid until the next store, or a copy); raises
+        BusFault where nothing answers."""
 
     def store(self, addr: int, data: bytes | memoryview) -> None:
         """Store data at addr; raises BusFault (having stored nothing) where nothing answers."""
@@ -177,9 +179,9 @@ class DevMem:
         result = self.try_read_mem(p, count)
         if isinstance(result, Refusal):
             raise result.error()
-        return result
+        return result if isinstance(result, bytes) else bytes(result)
 
-    def try_read_mem(self, p: int, count: int) -> bytes | Refusal:
+    def try_read_mem(self, p: int, count: int) -> Buffer | Refusal:
         """read_mem(), with a refusal returned rather than raised (the FUSE adapter's path: a
         refused read should cost no more than an allowed one)."""
         end = p + count - 1
@@ -208,8 +210,8 @@ class DevMem:
             return _ZERO_PAGE if count == len(_ZERO_PAGE) else bytes(count)
         return _refusal(errno.EPERM, verdict.rule, p, end)
 
-    def _read_runs(self, policy: PolicyMap, p: int, end: int) -> bytes | Refusal:
-        parts = []
+    def _read_runs(self, policy: PolicyMap, p: int, end: int) -> Buffer | Refusal:
+        parts: list[Buffer] = []
         for first, last, verdict in policy.runs(p >> PAGE_SHIFT, end >> PAGE_SHIFT):
             start, stop = max(p, first << PAGE_SHIFT), min(end + 1, (last + 1) << PAGE_SHIFT)
             if verdict.allowed == 0:
@@ -261,7 +263,7 @@ class DevMem:
         if verdict.allowed == 0:
             raise AccessError(errno.EINVAL, f"phys_mem_access_prot_allowed: {verdict.rule}", offset, end)
 
-    def load_mapped(self, offset: int, size: int) -> bytes:
+    def load_mapped(self, offset: int, size: int) -> Buffer:
         """What a mapping of [offset, +size) reads: mmap_mem()'s checks, then the memory (real
         pages even where read_mem() shows zeros). A fault raises AccessError(EFAULT): SIGBUS."""
         self.mmap_mem(offset, size)
