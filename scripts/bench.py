@@ -59,6 +59,8 @@ WINDOW_BASE = 0x80000000  # "80000000-afffffff : PCI Bus 0000:00": not RAM, not 
 # On the generated N-resource machines: PCI functions (BARs, not busy) packed from here.
 SCALE_BASE = 0x80000000
 SCALE_SPAN = 256 * MIB
+# The bare pyfuse3 direct_io server refuses reads from here (EPERM): the refusal benchmark's floor.
+REF_REFUSE_FROM = 1 * GIB
 # The virtio-mem machine of the resize and RSS measurements: a 1 TiB region above the boot layout.
 VIRTIO_ADDR = 1 << 40
 VIRTIO_REGION = 1 * TIB
@@ -781,12 +783,22 @@ def phase_main(p: Params, mounts: Mounts, refs: dict[str, Mount], res: Results) 
         log(f"refused vs allowed: {p.refused_reads} 4 KiB preads each on the default-settings mount, "
             f"{p.reps} round(s)")
         client = build_c(C_PREADS, fuse=False)
-        ra = alternate(p.reps, {
+        runs = {
             "allowed": lambda offs=offsets(WINDOW_BASE, 256 * MIB, p.refused_reads): preads_c(client, mem_default,
                                                                                               offs),
             "refused": lambda offs=offsets(RAM_BASE, 256 * MIB, p.refused_reads): preads_c(client, mem_default, offs,
                                                                                            "refused"),
-        }, "refused vs allowed", {"allowed": [default], "refused": [default]}, res)
+        }
+        where = {"allowed": [default], "refused": [default]}
+        py = refs.get("pyfuse3 direct_io")
+        if py is not None:   # the same client against pyfuse3's own floor: reads from REF_REFUSE_FROM fail
+            py_mem = os.path.join(py.path, "mem")
+            runs["pyfuse3 allowed"] = lambda offs=offsets(0, 256 * MIB, p.refused_reads): preads_c(client, py_mem,
+                                                                                                   offs)
+            runs["pyfuse3 refused"] = lambda offs=offsets(REF_REFUSE_FROM, 256 * MIB, p.refused_reads): preads_c(
+                client, py_mem, offs, "refused")
+            where |= {"pyfuse3 allowed": [py], "pyfuse3 refused": [py]}
+        ra = alternate(p.reps, runs, "refused vs allowed", where, res)
     else:
         ra = {"allowed": [], "refused": []}
     res.data["refused_vs_allowed"] = {
@@ -804,6 +816,9 @@ def phase_main(p: Params, mounts: Mounts, refs: dict[str, Mount], res: Results) 
             entry[f"memfs/{ref}"] = _ratio(entry["memfs"]["value"], entry[ref]["value"])
     ra_e = res.data["refused_vs_allowed"]
     ra_e["refused/allowed_time"] = _ratio(ra_e["refused"]["median_s"], ra_e["allowed"]["median_s"])
+    if "pyfuse3 refused" in ra_e:
+        ra_e["pyfuse3 refused/allowed_time"] = _ratio(ra_e["pyfuse3 refused"]["median_s"],
+                                                      ra_e["pyfuse3 allowed"]["median_s"])
 
 
 def phase_tools(p: Params, mounts: Mounts, res: Results) -> None:
@@ -994,6 +1009,8 @@ def targets(p: Params, d: dict) -> list[dict]:
     add("random 4 KiB reads, memfs/C", v, ">=", 0.8, _x(v), ">= 0.8x")
     v = get("refused_vs_allowed", "refused/allowed_time")
     add("refused 4 KiB read time / allowed one", v, "<=", 1.0, _x(v), "<= 1x")
+    floor = get("refused_vs_allowed", "pyfuse3 refused/allowed_time")
+    add("  the same for a bare pyfuse3 server (EPERM vs data)", floor, "<=", 1.0, _x(floor), "(pyfuse3's floor)")
     v = get("sequential_dd_1MiB", "memfs/C")
     add("sequential dd bs=1M, memfs/C", v, ">=", 0.9, _x(v), ">= 0.9x")
     lo, hi = p.scale_resources
@@ -1048,7 +1065,8 @@ def report(p: Params, res: Results, goals: list[dict]) -> str:
     e = d.get("refused_vs_allowed")
     if e:
         for k in ("allowed", "refused"):
-            rows.append([f"memfs default settings: {k} 4 KiB preads", _fmt(e[k]["value"], "reads/s"), "", "", "", ""])
+            rows.append([f"memfs default settings: {k} 4 KiB preads", _fmt(e[k]["value"], "reads/s"), "",
+                         _fmt(e[f"pyfuse3 {k}"]["value"], "reads/s") if f"pyfuse3 {k}" in e else "", "", ""])
     if rows:
         out.append(_table(rows, ["memfs vs references (median)", "memfs", "C", "pyfuse3", "memfs/C",
                                  "memfs/pyfuse3"]))
@@ -1125,8 +1143,8 @@ def start_references(p: Params, mounts: Mounts, res: Results) -> dict[str, Mount
         res.error("C reference", e)
     py = [sys.executable, str(PY_REF)]
     try:
-        refs["pyfuse3 direct_io"] = mounts.reference("pyfuse3 direct_io", "py-direct",
-                                                     lambda mnt: py + [mnt, str(size)])
+        refs["pyfuse3 direct_io"] = mounts.reference("pyfuse3 direct_io", "py-direct", lambda mnt: py + [
+            mnt, str(REF_REFUSE_FROM + 256 * MIB), "--refuse-from", str(REF_REFUSE_FROM)])
         refs["pyfuse3 page cache"] = mounts.reference("pyfuse3 page cache", "py-pagecache",
                                                       lambda mnt: py + [mnt, str(mapped), "--page-cache"])
     except Exception as e:

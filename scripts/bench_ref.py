@@ -1,10 +1,12 @@
 """Reference for scripts/bench: the least a pyfuse3 server can do, one file served from an mmap.
 
-Run: python scripts/bench_ref.py MOUNTPOINT SIZE_BYTES [--page-cache]
+Run: python scripts/bench_ref.py MOUNTPOINT SIZE_BYTES [--page-cache] [--refuse-from OFFSET]
 (foreground; unmount or SIGTERM/SIGINT to stop). The file is `mem`; by default every open gets
 FUSE direct_io (as memfs's plain opens of dev/mem), with --page-cache it goes through the page
 cache (as memfs's O_SYNC opens, which MAP_SHARED needs). Same options as memfs's mount
 (default_permissions) and, like memfs, the page cache is dropped on every open (keep_cache off).
+With --refuse-from, reads at or above OFFSET fail with EPERM: what pyfuse3 charges for an error
+reply, next to which memfs's refusals are measured.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ FILE_INO = pyfuse3.ROOT_INODE + 1
 
 
 class Ref(pyfuse3.Operations):
-    def __init__(self, size: int, page_cache: bool) -> None:
+    def __init__(self, size: int, page_cache: bool, refuse_from: int) -> None:
         super().__init__()
         self.data = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.page_cache = page_cache
+        self.refuse_from = refuse_from
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -67,6 +70,8 @@ class Ref(pyfuse3.Operations):
         return info
 
     async def read(self, fh, off, size):
+        if off >= self.refuse_from:
+            raise pyfuse3.FUSEError(errno.EPERM)
         return self.data[off:off + size]
 
     async def write(self, fh, off, buf):
@@ -95,10 +100,12 @@ def main() -> None:
     p.add_argument("mountpoint")
     p.add_argument("size", type=lambda s: int(s, 0))
     p.add_argument("--page-cache", action="store_true", help="serve through the page cache (no direct_io)")
+    p.add_argument("--refuse-from", type=lambda s: int(s, 0), default=1 << 63,
+                   help="reads at or above this offset fail with EPERM")
     args = p.parse_args()
     mode = "pagecache" if args.page_cache else "directio"
     options = set(pyfuse3.default_options) | {"fsname=memfs-bench-pyfuse3", f"subtype={mode}"}
-    pyfuse3.init(Ref(args.size, args.page_cache), args.mountpoint, options)
+    pyfuse3.init(Ref(args.size, args.page_cache, args.refuse_from), args.mountpoint, options)
     try:
         trio.run(_serve)
     finally:

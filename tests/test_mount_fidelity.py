@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
 
-from conftest import memfs
+from conftest import QEMU_Q35_2G, memfs
 from test_mount_devmem import pread
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -82,23 +84,18 @@ def test_shrinking_in_zone_movable_empties_completely(mount):
     assert plugged_blocks(mnt) == [] and plugged_size(mnt) == 0
 
 
-def test_every_device_addressable_by_qemu_id_with_its_own_pci_function(mount, tmp_path):
-    from conftest import QEMU_Q35_2G
-
+def two_devices(tmp_path, first: str, second: str):
+    """A machine file: the Q35 dump plus virtio-mem vmem0 at 4 GiB and vmem1 at 5 GiB, 1 GiB
+    regions, each with its extra TOML line."""
     toml = tmp_path / "two.toml"
-    toml.write_text(textwrap.dedent(f"""
-        iomem = "{QEMU_Q35_2G}"
-        [[virtio_mem]]
-        id = "vmem0"
-        addr = "0x100000000"
-        region_size = "1G"
-        requested_size = "256M"
-        [[virtio_mem]]
-        id = "vmem1"
-        addr = "0x140000000"
-        region_size = "1G"
-        requested_size = "128M"
-    """))
+    devices = "".join(f'[[virtio_mem]]\nid = "vmem{i}"\naddr = "{addr}"\nregion_size = "1G"\n{extra}\n'
+                      for i, (addr, extra) in enumerate((("0x100000000", first), ("0x140000000", second))))
+    toml.write_text(f'iomem = "{QEMU_Q35_2G}"\n{devices}')
+    return toml
+
+
+def test_every_device_addressable_by_qemu_id_with_its_own_pci_function(mount, tmp_path):
+    toml = two_devices(tmp_path, 'requested_size = "256M"', 'requested_size = "128M"')
     mnt = mount("--machine", str(toml))
     done = memfs("ctl", str(mnt), "vmem1", "requested-size", "1G")
     assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
@@ -148,25 +145,7 @@ def test_memtester_on_an_empty_pci_window_reports_failures(default_mnt):
 def test_lsmem_shows_the_numa_node_of_every_block(mount, tmp_path):
     """11.6: memoryN/nodeM links (and node/nodeM/memoryN back) fill lsmem's NODE column: boot memory
     and vmem0 on node 0, vmem1's blocks on node 1."""
-    import json
-    import os
-
-    from conftest import QEMU_Q35_2G
-
-    toml = tmp_path / "numa.toml"
-    toml.write_text(textwrap.dedent(f"""
-        iomem = "{QEMU_Q35_2G}"
-        [[virtio_mem]]
-        id = "vmem0"
-        addr = "0x100000000"
-        region_size = "1G"
-        node = 0
-        [[virtio_mem]]
-        id = "vmem1"
-        addr = "0x140000000"
-        region_size = "1G"
-        node = 1
-    """))
+    toml = two_devices(tmp_path, "node = 0", "node = 1")
     mnt = mount("--machine", str(toml))
     for dev, size in (("vmem0", "256M"), ("vmem1", "512M")):
         done = memfs("ctl", str(mnt), dev, "requested-size", size)
