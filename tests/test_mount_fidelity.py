@@ -131,9 +131,9 @@ def test_a_store_to_a_page_that_drops_writes_does_not_stay(default_mnt):
 
 def test_memtester_on_an_empty_pci_window_reports_failures(default_mnt):
     """11.2 acceptance. A store reads back for ~10 us (restore.py), so a run whose every check falls
-    between two restores passes (about 1 run in 15 measured): three runs all passing fail the test."""
+    between two restores passes (4 runs in 30 on a loaded machine): five runs all passing fail the test."""
     runs = []
-    for _ in range(3):
+    for _ in range(5):
         done = memfs("run", str(default_mnt), "--", "memtester", "-p", "0x80000000", "4K", "1")
         failures = (done.stdout + done.stderr).count("FAILURE")
         runs.append((done.returncode, failures))
