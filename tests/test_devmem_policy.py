@@ -1,7 +1,6 @@
 """The /dev/mem policy matrix (spec 2.12, 4.4, 4.8, 5.1, 5.2) on a tree with one page of each kind."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings

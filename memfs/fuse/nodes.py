@@ -23,7 +23,6 @@ from ..audit import Opener
 from ..control import Control, ControlError
 from ..kernel.mem import AccessError, Buffer, Refusal
 from ..machine import Machine
-from .creds import CAP_SYS_RAWIO, has_capability
 
 log = logging.getLogger("memfs.fuse")
 
