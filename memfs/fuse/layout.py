@@ -89,11 +89,16 @@ def _link(name_target: tuple[str, str]) -> tuple[str, Node]:
 
 
 def _memory_dir(machine: Machine) -> Dir:
-    """/sys/devices/system/memory: memoryN holds its attributes and the link to its node."""
+    """/sys/devices/system/memory: memoryN holds its attributes and the link to its node.
+
+    The kernel keeps a memoryN's entries for as long as the block exists: nothing in one
+    changes but what its files show, and the adapter invalidates the entry of a block that
+    goes away (MemfsOps._forget_removed_blocks).
+    """
     def block(mb_id: int) -> tuple[str, Node]:
         attrs = dict(_attrs(sysfs.memory_block_attrs(machine, mb_id)))
         name, link = _link(sysfs.node_link(machine.hotplug.blocks[mb_id].nid))
-        return f"{sysfs.MEMORY_PREFIX}{mb_id}", fixed_dir(attrs | {name: link})
+        return f"{sysfs.MEMORY_PREFIX}{mb_id}", permanent(fixed_dir(attrs | {name: link}))
 
     return _numbered_dir(lambda: list(_attrs(sysfs.memory_attrs(machine))),
                          lambda start: sysfs.memory_block_ids(machine, start), sysfs.memory_block_id, block)

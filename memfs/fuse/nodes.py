@@ -101,8 +101,9 @@ def fixed_dir(children: dict[str, Node], mode: int = 0o555) -> Dir:
 
 def permanent(node: N) -> N:
     """Let the kernel keep the entry and attributes of `node` and, through fixed directories, of
-    everything below it: nodes built once per mount that never change or go away. Without it
-    every path component costs a LOOKUP and a GETATTR per walk (about 100 us each)."""
+    everything below it: nodes whose attributes never change and that never go away, or whose
+    going away the adapter tells the kernel. Without it every path component costs a LOOKUP
+    and a GETATTR per walk (about 100 us each)."""
     node.cache_attrs = True
     if isinstance(node, FixedDir):
         for child in node.children.values():

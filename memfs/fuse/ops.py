@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from .. import sysfs
 from ..audit import Opener
 from ..kernel.mem import Buffer
 from ..machine import Machine
@@ -30,6 +31,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 Path = tuple[str, ...]
 MEM_PATH: Path = ("dev", "mem")
+MEMORY_DIR: Path = ("sys", "devices", "system", "memory")
 
 
 def _guard(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -60,6 +62,7 @@ class MemfsOps(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._revoke_pending = False
+        self._changed: list[tuple[int, int]] = []   # memory ranges added or removed since the last revocation
         self._page_cache_opens = 0
         self.restorer = Restorer(lambda: self._ino.get(MEM_PATH))
         machine.changed.connect(self._memory_changed)
@@ -206,6 +209,7 @@ class MemfsOps(pyfuse3.Operations):
             if self._revoke_pending:
                 self._revoke_pending = False
                 await self._invalidate()
+                await self._forget_removed_blocks()
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         handle = self._handles.pop(fh, None)
@@ -245,7 +249,20 @@ class MemfsOps(pyfuse3.Operations):
 
     def _memory_changed(self, start: int, size: int) -> None:
         self._revoke_pending = True
+        self._changed.append((start, size))
         self.restorer.forget()
+
+    async def _forget_removed_blocks(self) -> None:
+        """Invalidate the memoryN entries the kernel may keep (layout) of blocks that went away,
+        before the write that removed them returns. Costs the changed blocks the kernel has seen."""
+        changed, self._changed = self._changed, []
+        hp = self.machine.hotplug
+        parent = self._ino.get(MEMORY_DIR)
+        gone = [name for start, size in changed
+                for mb_id in range(start // hp.block_size, (start + size - 1) // hp.block_size + 1)
+                if MEMORY_DIR + (name := f"{sysfs.MEMORY_PREFIX}{mb_id}",) in self._ino and mb_id not in hp.blocks]
+        if parent is not None and gone:
+            await trio.to_thread.run_sync(_invalidate_entries, parent, gone, abandon_on_cancel=True)
 
     async def _invalidate(self) -> None:
         """Drop every cached page and live mapping of dev/mem (revocation).
@@ -265,3 +282,11 @@ class MemfsOps(pyfuse3.Operations):
             if e.errno != errno.ENOENT:  # ENOENT: the kernel holds no such inode, nothing cached
                 raise
 
+
+def _invalidate_entries(parent: int, names: list[str]) -> None:
+    """notify_inval_entry for each name; one the kernel does not hold (ENOENT) needs nothing."""
+    for name in names:
+        try:
+            pyfuse3.invalidate_entry(pyfuse3.InodeT(parent), os.fsencode(name))
+        except FileNotFoundError:
+            pass
