@@ -13,6 +13,7 @@ under sys/devices/system/node, and the links between memoryN and nodeM.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from .machine import Machine
 
 MEMORY_PREFIX = "memory"
 NODE_PREFIX = "node"
+CPU_POSSIBLE = "/sys/devices/system/cpu/possible"
+LOCAL_DISTANCE, REMOTE_DISTANCE = 10, 20   # include/linux/topology.h
 
 
 @dataclass(frozen=True)
@@ -130,15 +133,44 @@ def node_block_ids(machine: Machine, nid: int, start: int = 0) -> Iterator[int]:
             for block in hp.blocks_in(max(lo, first), hi - max(lo, first)) if block.nid == nid)
 
 
-def nodelist(nids: Iterable[int]) -> str:
-    """A nodemask as "%*pbl" prints it (bitmap_list_string()): ascending runs, "0-1,3"."""
+def bitmap_list_string(bits: Iterable[int]) -> str:
+    """A node or CPU mask as "%*pbl" prints it (bitmap_list_string()): ascending runs, "0-1,3"."""
     runs: list[list[int]] = []
-    for nid in sorted(set(nids)):
-        if runs and runs[-1][1] == nid - 1:
-            runs[-1][1] = nid
+    for bit in sorted(set(bits)):
+        if runs and runs[-1][1] == bit - 1:
+            runs[-1][1] = bit
         else:
-            runs.append([nid, nid])
+            runs.append([bit, bit])
     return ",".join(f"{lo}-{hi}" if hi > lo else f"{lo}" for lo, hi in runs)
+
+
+def bitmap_string(bits: Iterable[int], nbits: int) -> str:
+    """A mask of `nbits` bits as "%*pb" prints it (bitmap_string()): 32-bit hex words, most
+    significant first, comma-separated; the first one padded to the bits it holds ("3" for 2 CPUs)."""
+    value = sum(1 << bit for bit in set(bits))
+    words = max(-(-nbits // 32), 1)
+    first_width = -(-(nbits % 32 or 32) // 4)
+    return ",".join(f"{(value >> (32 * i)) & 0xFFFFFFFF:0{first_width if i == words - 1 else 8}x}"
+                    for i in reversed(range(words)))
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """bitmap_parselist(): "0-3,8" -> [0, 1, 2, 3, 8]; ValueError on anything else."""
+    bits: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        bits.extend(range(int(lo), int(hi or lo) + 1))
+    return bits
+
+
+def host_cpus() -> list[int]:
+    """The host's cpu_possible_mask. Tools meet its /sys/devices/system/cpu (memfs run keeps the
+    real one), so node 0 holds those CPUs; os.cpu_count() if it cannot be read."""
+    try:
+        with open(CPU_POSSIBLE) as f:
+            return parse_cpulist(f.read())
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
 
 
 def _has_memory(machine: Machine, nid: int, normal: bool) -> bool:
@@ -154,7 +186,7 @@ def node_attrs(machine: Machine) -> list[Attr]:
     ZONE_NORMAL (node_states_check_changes_online()); the CPUs are node 0's.
     """
     def mask(nids: Callable[[], Iterable[int]]) -> Callable[[], str]:
-        return lambda: nodelist(nids()) + "\n"
+        return lambda: bitmap_list_string(nids()) + "\n"
 
     def having(normal: bool) -> Callable[[], Iterable[int]]:
         return lambda: (nid for nid in online_nodes(machine) if _has_memory(machine, nid, normal))
@@ -165,6 +197,24 @@ def node_attrs(machine: Machine) -> list[Attr]:
             Attr("has_memory", mask(having(False))),
             Attr("has_cpu", mask(lambda: [0])),
             Attr("has_generic_initiator", mask(list))]
+
+
+def node_cpu_attrs(machine: Machine, nid: int) -> list[Attr]:
+    """nodeM/{cpumap,cpulist,distance}: node_read_cpumap() ("%*pb" over nr_cpu_ids bits, then "%*pbl")
+    and node_read_distance() (node_distance() to every online node). The CPUs are node 0's; QEMU
+    without -numa dist gives LOCAL_DISTANCE to itself and REMOTE_DISTANCE to the others."""
+    cpus = host_cpus()
+    mine = cpus if nid == 0 else []
+    nr_cpu_ids = max(cpus, default=0) + 1
+    return [Attr("cpumap", lambda: bitmap_string(mine, nr_cpu_ids) + "\n"),
+            Attr("cpulist", lambda: bitmap_list_string(mine) + "\n"),
+            Attr("distance", lambda: " ".join(str(LOCAL_DISTANCE if n == nid else REMOTE_DISTANCE)
+                                              for n in online_nodes(machine)) + "\n")]
+
+
+def node_cpu_links(nid: int) -> list[tuple[str, str]]:
+    """register_cpu_under_node(): nodeM/cpuN -> ../../cpu/cpuN for each CPU of the node."""
+    return [(f"cpu{cpu}", f"../../cpu/cpu{cpu}") for cpu in (host_cpus() if nid == 0 else [])]
 
 
 def node_link(nid: int) -> tuple[str, str]:

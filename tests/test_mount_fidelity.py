@@ -10,6 +10,8 @@ import sys
 import textwrap
 
 from conftest import QEMU_Q35_2G, memfs
+
+from memfs import sysfs
 from test_mount_devmem import pread
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -175,9 +177,18 @@ def test_lsmem_shows_the_numa_node_of_every_block(mount, tmp_path):
     assert sorted(os.listdir(nodes)) == ["has_cpu", "has_generic_initiator", "has_memory", "has_normal_memory",
                                          "node0", "node1", "online", "possible"]
     assert (nodes / "online").read_text() == "0-1\n"
-    assert sorted(os.listdir(nodes / "node1")) == ["memory40", "memory41", "memory42", "memory43"]
-    assert len(os.listdir(nodes / "node0")) == 18
+    assert sorted(os.listdir(nodes / "node1")) == ["cpulist", "cpumap", "distance",
+                                                   "memory40", "memory41", "memory42", "memory43"]
+    cpus = [f"cpu{n}" for n in sysfs.host_cpus()]   # node 0 holds the CPUs tools find in /sys/devices/system/cpu
+    assert sorted(os.listdir(nodes / "node0")) == sorted(["cpulist", "cpumap", "distance", *cpus,
+                                                          *(f"memory{n}" for n in [*range(16), 32, 33])])
+    assert [(nodes / n / "distance").read_text() for n in ("node0", "node1")] == ["10 20\n", "20 10\n"]
+    assert (nodes / "node1/cpulist").read_text() == "\n" and os.readlink(nodes / "node0/cpu0") == "../../cpu/cpu0"
+    # lscpu aborts on a node without a cpumap (print_cpuset: Assertion `set' failed)
+    done = memfs("run", str(mnt), "--", "lscpu")
+    assert done.returncode == 0 and re.search(r"^NUMA node\(s\): +2$", done.stdout, re.M), done.stdout + done.stderr
+    assert re.search(r"^NUMA node1 CPU\(s\): *$", done.stdout, re.M), done.stdout
     # under `memfs run` the links lead into the mount's node directory, not the host's
     done = memfs("run", str(mnt), "--", "ls", "/sys/devices/system/memory/memory40/node1/")
-    assert done.returncode == 0 and done.stdout.split() == ["memory40", "memory41", "memory42", "memory43"], \
-        done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["cpulist", "cpumap", "distance", "memory40", "memory41",
+                                                            "memory42", "memory43"], done.stdout + done.stderr

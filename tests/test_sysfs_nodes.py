@@ -27,7 +27,19 @@ def machine_with(tmp_path, *nodes: int):
 @pytest.mark.parametrize("nids,text", [([], ""), ([0], "0"), ([1, 0], "0-1"), ([0, 2], "0,2"),
                                        ([0, 1, 2, 5, 7, 8, 2], "0-2,5,7-8")])
 def test_nodelist_prints_runs_as_pbl_does(nids, text):
-    assert sysfs.nodelist(nids) == text
+    assert sysfs.bitmap_list_string(nids) == text
+
+
+@pytest.mark.parametrize("bits,nbits,text", [([0, 1], 2, "3"), ([], 2, "0"), ([0], 8, "01"), ([0, 3], 4, "9"),
+                                             ([0, 32], 64, "00000001,00000001"), ([35], 36, "8,00000000"),
+                                             (range(64), 64, "ffffffff,ffffffff")])
+def test_cpumap_prints_as_pb_does(bits, nbits, text):
+    assert sysfs.bitmap_string(bits, nbits) == text
+
+
+@pytest.mark.parametrize("text,bits", [("0-1\n", [0, 1]), ("0", [0]), ("0-2,5,7-8", [0, 1, 2, 5, 7, 8]), ("", [])])
+def test_cpu_lists_parse_as_bitmap_parselist_does(text, bits):
+    assert sysfs.parse_cpulist(text) == bits
 
 
 def test_blocks_are_linked_under_their_devices_node_and_boot_memory_under_node_0(tmp_path):

@@ -105,10 +105,13 @@ def _memory_dir(machine: Machine) -> Dir:
 
 
 def _node_dir(machine: Machine) -> Dir:
-    """/sys/devices/system/node: the nodemask files, and nodeM (register_one_node()) holding a
-    link to each of its memory blocks."""
+    """/sys/devices/system/node: the nodemask files, and nodeM (register_one_node()) holding its
+    CPU files and links, and a link to each of its memory blocks."""
     def node(nid: int) -> tuple[str, Node]:
-        links = _numbered_dir(list, lambda start: sysfs.node_block_ids(machine, nid, start),
+        def own() -> list[tuple[str, Node]]:
+            return [*_attrs(sysfs.node_cpu_attrs(machine, nid)), *map(_link, sysfs.node_cpu_links(nid))]
+
+        links = _numbered_dir(own, lambda start: sysfs.node_block_ids(machine, nid, start),
                               sysfs.memory_block_id, lambda mb_id: _link(sysfs.memory_block_link(mb_id)))
         return f"{sysfs.NODE_PREFIX}{nid}", links
 
