@@ -127,3 +127,13 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def two_devices(tmp_path, first: str, second: str):
+    """A machine file: the Q35 dump plus two virtio-mem devices with 1 GiB regions at 4 GiB and
+    5 GiB, each with its extra TOML lines (an id, a size, a node)."""
+    toml = tmp_path / "two.toml"
+    devices = "".join(f'[[virtio_mem]]\naddr = "{addr}"\nregion_size = "1G"\n{extra}\n'
+                      for addr, extra in (("0x100000000", first), ("0x140000000", second)))
+    toml.write_text(f'iomem = "{QEMU_Q35_2G}"\n{devices}')
+    return toml

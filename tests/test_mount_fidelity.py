@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import QEMU_Q35_2G, memfs
+from conftest import memfs, two_devices
 
 from memfs import sysfs
 from test_mount_devmem import pread
@@ -92,18 +92,8 @@ def test_shrinking_in_zone_movable_empties_completely(mount):
     assert lsmem.returncode == 0 and lsmem.stdout.split("\n\n")[0].split() == ["BLOCK", "0-15"], lsmem.stdout
 
 
-def two_devices(tmp_path, first: str, second: str):
-    """A machine file: the Q35 dump plus virtio-mem vmem0 at 4 GiB and vmem1 at 5 GiB, 1 GiB
-    regions, each with its extra TOML line."""
-    toml = tmp_path / "two.toml"
-    devices = "".join(f'[[virtio_mem]]\nid = "vmem{i}"\naddr = "{addr}"\nregion_size = "1G"\n{extra}\n'
-                      for i, (addr, extra) in enumerate((("0x100000000", first), ("0x140000000", second))))
-    toml.write_text(f'iomem = "{QEMU_Q35_2G}"\n{devices}')
-    return toml
-
-
 def test_every_device_addressable_by_qemu_id_with_its_own_pci_function(mount, tmp_path):
-    toml = two_devices(tmp_path, 'requested_size = "256M"', 'requested_size = "128M"')
+    toml = two_devices(tmp_path, 'id = "vmem0"\nrequested_size = "256M"', 'id = "vmem1"\nrequested_size = "128M"')
     mnt = mount("--machine", str(toml))
     done = memfs("ctl", str(mnt), "vmem1", "requested-size", "1G")
     assert done.returncode == 0 and "converged" in done.stdout, done.stdout + done.stderr
@@ -153,7 +143,7 @@ def test_memtester_on_an_empty_pci_window_reports_failures(default_mnt):
 def test_lsmem_shows_the_numa_node_of_every_block(mount, tmp_path):
     """11.6: memoryN/nodeM links (and node/nodeM/memoryN back) fill lsmem's NODE column: boot memory
     and vmem0 on node 0, vmem1's blocks on node 1."""
-    toml = two_devices(tmp_path, "node = 0", "node = 1")
+    toml = two_devices(tmp_path, 'id = "vmem0"\nnode = 0', 'id = "vmem1"\nnode = 1')
     mnt = mount("--machine", str(toml))
     for dev, size in (("vmem0", "256M"), ("vmem1", "512M")):
         done = memfs("ctl", str(mnt), dev, "requested-size", size)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import QEMU_Q35_2G, memfs
+from conftest import QEMU_Q35_2G, memfs, two_devices
 from test_mount_devmem import errno_of, map_probe, pread, pwrite
 
 DEFAULT_IOMEM = QEMU_Q35_2G.read_text()
@@ -244,20 +244,7 @@ def test_bad_commands_change_nothing(mount):
 
 
 def test_two_devices_never_merge(mount, tmp_path):
-    toml = tmp_path / "two.toml"
-    toml.write_text(textwrap.dedent("""
-        iomem = "%s"
-        [[virtio_mem]]
-        addr = "0x100000000"
-        region_size = "1G"
-        requested_size = "256M"
-        [[virtio_mem]]
-        addr = "0x140000000"
-        region_size = "1G"
-        requested_size = "128M"
-        node = 1
-    """ % QEMU_Q35_2G))
-    mnt = mount("--machine", str(toml))
+    mnt = mount("--machine", str(two_devices(tmp_path, 'requested_size = "256M"', 'requested_size = "128M"\nnode = 1')))
     text = (mnt / "proc/iomem").read_text()
     assert ANCHOR + ("100000000-13fffffff : virtio0\n  100000000-10fffffff : System RAM (virtio_mem)\n"
                      "140000000-17fffffff : virtio1\n  140000000-147ffffff : System RAM (virtio_mem)\n") in text
