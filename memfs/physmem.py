@@ -207,8 +207,7 @@ class FileMemory(SparseMemory):
         return self._map(idx, create=True)
 
     def _drop_chunk(self, idx: int, chunk: mmap.mmap) -> None:
-        del self._chunks[idx]
-        _close(chunk)
+        super()._drop_chunk(idx, chunk)
         os.unlink(self._path(idx))
 
     def _free_pages(self, chunk: mmap.mmap, start: int, length: int) -> None:

@@ -66,7 +66,7 @@ class BusFault(Exception):
 
 
 class PhysBus(Protocol):
-    """Physical memory as the CPU reaches it (xlate_dev_mem_ptr() plus a copy)."""
+    """Physical memory as the CPU reaches it (xlate_dev_mem_ptr())."""
 
     def load(self, addr: int, size: int) -> Buffer:
         """The bytes at [addr, addr+size) (a view valid until the next store, or a copy); raises
